@@ -1,0 +1,174 @@
+//! The captures API contract, shared by the backend (`server/`) and the gateway filter
+//! (`filter/`).
+//!
+//! `openapi.yaml` beside this crate is the published contract; the types here are its wire
+//! shapes, with serde only, so that the crate also builds for `wasm32-wasip1`. The old Go
+//! server's shapes are kept field for field (its clients, the old Kong Lua plugin among them,
+//! must keep working); everything this project added is optional for the caller.
+
+use serde::{Deserialize, Serialize};
+
+/// The longest idempotency key the backend accepts (base64url characters).
+pub const MAX_KEY_LEN: usize = 1400;
+/// The longest a `wait_ms` allocation may wait for the holder of a key.
+pub const MAX_WAIT_MS: u64 = 30_000;
+/// The lowest and highest status a capture may carry.
+pub const STATUS_RANGE: std::ops::RangeInclusive<u16> = 100..=599;
+
+/// Media type of every error answer (RFC 9457).
+pub const PROBLEM_JSON: &str = "application/problem+json";
+
+/// Whether `key` is a key the backend takes: 1 to [`MAX_KEY_LEN`] characters of the URL-safe
+/// base64 alphabet (RFC 4648 §5), without padding.
+///
+/// Only the alphabet is checked, not the length modulo 4: the old server accepted a UUID with
+/// one extra character (37 characters), and its clients rely on that.
+pub fn is_valid_key(key: &str) -> bool {
+    !key.is_empty()
+        && key.len() <= MAX_KEY_LEN
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// `PUT /api/v2/captures`: allocate a key before the request reaches the upstream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AllocateRequest {
+    pub idempotency_key: String,
+    /// Digest of the request; a key presented again with another non-empty fingerprint is
+    /// refused with 422.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
+    /// How long this allocation holds the key if it is never recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_ms: Option<u64>,
+    /// When another request holds the key, wait up to this long for it to finish.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait_ms: Option<u64>,
+}
+
+/// 202 answer to an allocation: the caller now holds the key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Allocated {
+    pub lease_token: String,
+    /// RFC 3339 instant at which the key is free again unless recorded or released.
+    pub lease_expires_at: String,
+}
+
+/// `POST /api/v2/captures` body (record), and the 200 answer to an allocation of a completed
+/// key (replay).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaptureRecord {
+    pub idempotency_key: String,
+    /// The token of the allocation being completed. Without it, any allocated key may be
+    /// recorded (the old behaviour).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_token: Option<String>,
+    pub response: Capture,
+}
+
+/// A captured upstream response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capture {
+    pub response_status: u16,
+    /// Opaque to the backend. The filter stores the body base64-encoded (RFC 4648 §4); the
+    /// old Lua plugin stored it gzipped and base64url-encoded.
+    pub response_body: String,
+    pub response_headers: Vec<Header>,
+}
+
+/// One response header. A repeated header (two `Set-Cookie`) is either two entries or one
+/// entry whose value is an array (what the old Lua plugin sends).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Header {
+    pub key: String,
+    pub value: HeaderValue,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum HeaderValue {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl HeaderValue {
+    /// Every value, in order.
+    pub fn values(&self) -> impl Iterator<Item = &str> {
+        let slice: &[String] = match self {
+            HeaderValue::One(v) => std::slice::from_ref(v),
+            HeaderValue::Many(vs) => vs,
+        };
+        slice.iter().map(String::as_str)
+    }
+}
+
+/// `DELETE /api/v2/captures`: give a key back, so that a retry executes again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseRequest {
+    pub idempotency_key: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_token: Option<String>,
+}
+
+/// `GET /-/ping` answer (the old shape).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pong {
+    pub message: String,
+}
+
+/// An RFC 9457 problem, as both the backend and the filter send it. `error` repeats `detail`
+/// for the old clients, which read that member.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Problem {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub title: String,
+    pub status: u16,
+    pub detail: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_follow_the_old_servers_rule() {
+        assert!(is_valid_key("qwe"));
+        // A UUID with one extra character: 37 characters, not a multiple of 4.
+        assert!(is_valid_key("8e03978e-40d5-43e8-bc93-6894a57f93241"));
+        assert!(is_valid_key("QkE2OTlCQjctNTg2QS00Qzk4LTk2OEYtRUY4NjVFRTBDODVG"));
+        assert!(!is_valid_key("==qwe--"));
+        assert!(!is_valid_key(""));
+        assert!(!is_valid_key("a+b/c"));
+        assert!(is_valid_key(&"a".repeat(MAX_KEY_LEN)));
+        assert!(!is_valid_key(&"a".repeat(MAX_KEY_LEN + 1)));
+    }
+
+    #[test]
+    fn header_values_take_both_shapes() {
+        let one: Header = serde_json::from_str(r#"{"key":"a","value":"x"}"#).unwrap();
+        let many: Header = serde_json::from_str(r#"{"key":"a","value":["x","y"]}"#).unwrap();
+        assert_eq!(one.value.values().collect::<Vec<_>>(), ["x"]);
+        assert_eq!(many.value.values().collect::<Vec<_>>(), ["x", "y"]);
+        assert_eq!(
+            serde_json::to_string(&many).unwrap(),
+            r#"{"key":"a","value":["x","y"]}"#
+        );
+    }
+
+    #[test]
+    fn optional_fields_stay_optional() {
+        let old: AllocateRequest = serde_json::from_str(r#"{"idempotency_key":"qwe"}"#).unwrap();
+        assert_eq!(old.fingerprint, None);
+        assert_eq!(
+            serde_json::to_string(&old).unwrap(),
+            r#"{"idempotency_key":"qwe"}"#
+        );
+        let unknown: ReleaseRequest =
+            serde_json::from_str(r#"{"idempotency_key":"qwe","extra":1}"#).unwrap();
+        assert_eq!(unknown.lease_token, None);
+    }
+}
