@@ -1,1 +1,153 @@
-//! placeholder
+//! The captures backend of the idempotency gateway filter.
+//!
+//! The filter *allocates* an `Idempotency-Key` before a request reaches the upstream and
+//! *records* the upstream's response after it; a retry gets that response replayed, a
+//! concurrent duplicate 409, the same key with another payload 422. This crate serves that API
+//! (`spec/openapi.yaml`) over one [`Store`] trait, with an embedded, durable store by default.
+//!
+//! # Modules, one concept each
+//!
+//! | module | what it is |
+//! | --- | --- |
+//! | [`config`] | flags with environment fallbacks (clap), validated; one line on error |
+//! | [`api`] | every route, the handlers, the body extractor, the bearer-token check |
+//! | [`error`] | the one error type, rendered as RFC 9457 problem+json with the old `error` member |
+//! | [`store`] | the [`Store`] trait, the outcomes, and the pure per-key state machine |
+//! | [`store::embedded`] | redb in the data dir, one writer thread with group commit, the dir lock |
+//! | [`wait`] | `wait_ms`: per-key notifications in this process plus polling with backoff |
+//! | [`purge`] | the background task deleting expired entries |
+//! | [`shutdown`] | the signals, and the order of a graceful shutdown |
+//! | [`logging`] | tracing to stderr, `RUST_LOG`, `LOG_FORMAT` |
+//!
+//! The binary (`src/main.rs`) only parses the configuration, installs logging, and calls
+//! [`run`].
+//!
+//! # Running the server in-process (tests, benchmarks)
+//!
+//! ```no_run
+//! # async fn example() -> anyhow::Result<()> {
+//! let dir = std::env::temp_dir().join("captures-test");
+//! let mut config = idempotency_server::Config::new(&dir); // the binary's defaults
+//! config.retention = std::time::Duration::from_secs(1);
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! let addr = listener.local_addr()?;
+//! let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+//! let server = tokio::spawn(idempotency_server::serve(config, listener, async {
+//!     let _ = stopped.await;
+//! }));
+//! // ... talk to http://{addr}/api/v2/captures ...
+//! let _ = stop.send(());
+//! server.await??; // graceful: requests finished, store flushed and closed, dir unlocked
+//! # let _ = addr; Ok(()) }
+//! ```
+//!
+//! [`serve_with_store`] takes any `Arc<dyn Store>` instead (a store opened by the caller, for
+//! its statistics, or another implementation).
+
+pub mod api;
+pub mod config;
+pub mod error;
+pub mod logging;
+pub mod purge;
+pub mod shutdown;
+pub mod store;
+pub mod wait;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub use config::{Config, StoreKind};
+pub use store::Store;
+pub use store::embedded::{EmbeddedOptions, EmbeddedStore};
+
+/// The binary's whole life: open the store (taking the data dir's lock), listen on
+/// `config.listen`, serve until SIGINT or SIGTERM, shut down gracefully.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    // The store first: a second process on the same data dir fails on the lock, with its own
+    // message, before it would fail on the port.
+    let store = open_store(&config).await?;
+    let listener = match TcpListener::bind(config.listen).await {
+        Ok(listener) => listener,
+        Err(e) => {
+            let _ = store.shutdown().await;
+            return Err(e).with_context(|| format!("cannot listen on {}", config.listen));
+        }
+    };
+    serve_with_store(config, store, listener, shutdown::signal()).await
+}
+
+/// Open the store `config.store` names.
+pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    match config.store {
+        StoreKind::Embedded => {
+            let options = EmbeddedOptions::new(&config.data_dir);
+            let store = tokio::task::spawn_blocking(move || EmbeddedStore::open(options))
+                .await
+                .context("opening the embedded store")??;
+            Ok(Arc::new(store))
+        }
+    }
+}
+
+/// Open the configured store and serve on `listener` until `shutdown` resolves; then shut
+/// down gracefully (see [`shutdown`]). Returns once the store is closed.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let store = open_store(&config).await?;
+    serve_with_store(config, store, listener, shutdown).await
+}
+
+/// Serve `store` on `listener` until `shutdown` resolves, then stop accepting, let requests in
+/// flight finish, stop the purge, and shut the store down.
+pub async fn serve_with_store(
+    config: Config,
+    store: Arc<dyn Store>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    if let Err(line) = config.validate() {
+        let _ = store.shutdown().await;
+        anyhow::bail!("invalid configuration: {line}");
+    }
+    // One flag for everything that must stop: the listener, waits, the purge.
+    let (stopping, stop) = watch::channel(false);
+    let waiters = Arc::new(wait::Waiters::new(stop.clone()));
+    let state = api::AppState {
+        store: store.clone(),
+        waiters,
+        policy: Arc::new(api::Policy {
+            default_lease: config.default_lease,
+            max_lease: config.max_lease,
+            retention: config.retention,
+            body_limit: config.body_limit,
+            api_token: config.api_token.clone(),
+        }),
+    };
+    let purge = tokio::spawn(purge::run(store.clone(), purge::INTERVAL, stop.clone()));
+
+    let addr = listener
+        .local_addr()
+        .context("reading the listener's address")?;
+    tracing::info!(%addr, store = store.name(), "listening");
+    let served = axum::serve(listener, api::router(state))
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            tracing::info!("shutting down: finishing requests in flight");
+            let _ = stopping.send(true);
+        })
+        .await
+        .context("serving HTTP");
+
+    // Every connection is closed now: nothing uses the store but the purge.
+    let _ = purge.await;
+    let closed = store.shutdown().await.context("flushing the store");
+    tracing::info!("stopped");
+    served.and(closed)
+}

@@ -17,6 +17,35 @@ pub const STATUS_RANGE: std::ops::RangeInclusive<u16> = 100..=599;
 
 /// Media type of every error answer (RFC 9457).
 pub const PROBLEM_JSON: &str = "application/problem+json";
+/// The longest request fingerprint the backend stores (bytes). A digest fits many times over.
+pub const MAX_FINGERPRINT_LEN: usize = 1024;
+/// The path of the captures resource (allocate `PUT`, record `POST`, release `DELETE`).
+pub const CAPTURES_PATH: &str = "/api/v2/captures";
+
+/// The `type` of every problem the backend answers, one per cause, so that a client can tell
+/// the two 422s apart (a malformed key and a fingerprint mismatch). `openapi.yaml` documents
+/// each; `about:blank` is used for plain 404 and 405.
+pub mod problem_type {
+    /// 400: the body is not a JSON object, a field is missing or ill-typed, or a value is out
+    /// of range.
+    pub const MALFORMED_PAYLOAD: &str = "urn:idempotency:problem:malformed-payload";
+    /// 422: the idempotency key is not base64url without padding, or longer than allowed.
+    pub const MALFORMED_KEY: &str = "urn:idempotency:problem:malformed-key";
+    /// 422: the key was allocated or completed with another request fingerprint.
+    pub const FINGERPRINT_MISMATCH: &str = "urn:idempotency:problem:fingerprint-mismatch";
+    /// 409: another request holds a live lease on the key.
+    pub const IN_FLIGHT: &str = "urn:idempotency:problem:in-flight";
+    /// 403: record or release of a key that is not allocated under that lease.
+    pub const NOT_ALLOCATED: &str = "urn:idempotency:problem:not-allocated";
+    /// 413: the body is larger than the backend's limit.
+    pub const PAYLOAD_TOO_LARGE: &str = "urn:idempotency:problem:payload-too-large";
+    /// 401: `API_TOKEN` is set and the request does not carry it.
+    pub const UNAUTHORIZED: &str = "urn:idempotency:problem:unauthorized";
+    /// 503: the store does not answer.
+    pub const STORE_UNAVAILABLE: &str = "urn:idempotency:problem:store-unavailable";
+    /// 404 and 405: no such route or method (RFC 9457 §4.2.1).
+    pub const ABOUT_BLANK: &str = "about:blank";
+}
 
 /// Whether `key` is a key the backend takes: 1 to [`MAX_KEY_LEN`] characters of the URL-safe
 /// base64 alphabet (RFC 4648 §5), without padding.
@@ -103,6 +132,20 @@ impl HeaderValue {
     }
 }
 
+/// 200 answer to a record: the capture is stored and replayed until `expires_at`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Recorded {
+    pub idempotency_key: String,
+    /// RFC 3339 instant at which the capture expires and the key is free again.
+    pub expires_at: String,
+}
+
+/// 200 answer to a release: the key is free again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Released {
+    pub idempotency_key: String,
+}
+
 /// `DELETE /api/v2/captures`: give a key back, so that a retry executes again.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReleaseRequest {
@@ -139,7 +182,9 @@ mod tests {
         assert!(is_valid_key("qwe"));
         // A UUID with one extra character: 37 characters, not a multiple of 4.
         assert!(is_valid_key("8e03978e-40d5-43e8-bc93-6894a57f93241"));
-        assert!(is_valid_key("QkE2OTlCQjctNTg2QS00Qzk4LTk2OEYtRUY4NjVFRTBDODVG"));
+        assert!(is_valid_key(
+            "QkE2OTlCQjctNTg2QS00Qzk4LTk2OEYtRUY4NjVFRTBDODVG"
+        ));
         assert!(!is_valid_key("==qwe--"));
         assert!(!is_valid_key(""));
         assert!(!is_valid_key("a+b/c"));

@@ -1,0 +1,327 @@
+//! Copying the upstream's response as it passes (status, headers, body chunks up to
+//! `max_capture_bytes`), deciding at its end whether to record or release, and building the
+//! record body. Nothing here changes what the client receives.
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use idempotency_spec::{Capture, CaptureRecord, Header, HeaderValue, ReleaseRequest};
+
+use crate::config::StatusSet;
+
+/// Headers that describe one connection, never stored nor replayed (RFC 9110 §7.6.1), plus
+/// `content-length`, which is recomputed on replay.
+pub const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "content-length",
+];
+
+/// Whether a header is never stored or replayed: a pseudo-header, a hop-by-hop header, or one
+/// named by the response's own `Connection` header.
+pub fn is_hop_by_hop(name: &str, connection_tokens: &[String]) -> bool {
+    name.starts_with(':')
+        || HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
+        || connection_tokens
+            .iter()
+            .any(|t| name.eq_ignore_ascii_case(t))
+}
+
+/// The header names listed in the `Connection` headers.
+pub fn connection_tokens<'a>(headers: impl Iterator<Item = (&'a str, &'a str)>) -> Vec<String> {
+    headers
+        .filter(|(n, _)| n.eq_ignore_ascii_case("connection"))
+        .flat_map(|(_, v)| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+        .collect()
+}
+
+/// A response being copied.
+#[derive(Debug, Clone)]
+pub struct CaptureBuf {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    /// `Content-Length`, when the response has one.
+    pub content_length: Option<u64>,
+    body: Vec<u8>,
+    limit: usize,
+    /// Bytes seen, including those past the limit.
+    seen: u64,
+    overflow: bool,
+}
+
+impl CaptureBuf {
+    /// Starts a copy from the response headers (`:status` included or not).
+    pub fn new(status: u16, headers: &[(String, String)], limit: u64) -> CaptureBuf {
+        let tokens = connection_tokens(headers.iter().map(|(n, v)| (n.as_str(), v.as_str())));
+        let content_length = headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+            .and_then(|(_, v)| v.trim().parse::<u64>().ok());
+        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+        let overflow = content_length.is_some_and(|cl| cl > limit as u64);
+        CaptureBuf {
+            status,
+            headers: headers
+                .iter()
+                .filter(|(n, _)| !is_hop_by_hop(n, &tokens))
+                .cloned()
+                .collect(),
+            content_length,
+            body: Vec::new(),
+            limit,
+            seen: 0,
+            overflow,
+        }
+    }
+
+    /// Adds a body chunk; past the limit the copy is dropped (the response still passes).
+    pub fn push(&mut self, chunk: &[u8]) {
+        self.seen = self.seen.saturating_add(chunk.len() as u64);
+        if self.overflow {
+            return;
+        }
+        if self.body.len().saturating_add(chunk.len()) > self.limit {
+            self.overflow = true;
+            self.body = Vec::new();
+            return;
+        }
+        self.body.extend_from_slice(chunk);
+    }
+
+    /// Counts a chunk that is not copied (the copy already overflowed).
+    pub fn skip(&mut self, len: usize) {
+        self.seen = self.seen.saturating_add(len as u64);
+        if !self.overflow && self.body.len().saturating_add(len) > self.limit {
+            self.overflow = true;
+            self.body = Vec::new();
+        }
+    }
+
+    pub fn overflow(&self) -> bool {
+        self.overflow
+    }
+
+    pub fn seen(&self) -> u64 {
+        self.seen
+    }
+
+    /// The record body (`POST /captures`): the body base64 (standard alphabet), every header
+    /// as its own entry (two `Set-Cookie` stay two).
+    pub fn record_body(&self, idempotency_key: &str, lease_token: &str) -> Vec<u8> {
+        let record = CaptureRecord {
+            idempotency_key: idempotency_key.to_string(),
+            lease_token: Some(lease_token.to_string()),
+            response: Capture {
+                response_status: self.status,
+                response_body: STANDARD.encode(&self.body),
+                response_headers: self
+                    .headers
+                    .iter()
+                    .map(|(k, v)| Header {
+                        key: k.clone(),
+                        value: HeaderValue::One(v.clone()),
+                    })
+                    .collect(),
+            },
+        };
+        serde_json::to_vec(&record).unwrap_or_default()
+    }
+}
+
+/// The release body (`DELETE /captures`).
+pub fn release_body(idempotency_key: &str, lease_token: &str) -> Vec<u8> {
+    serde_json::to_vec(&ReleaseRequest {
+        idempotency_key: idempotency_key.to_string(),
+        lease_token: Some(lease_token.to_string()),
+    })
+    .unwrap_or_default()
+}
+
+/// What to do with the key when the request ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    Record,
+    Release(ReleaseReason),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReleaseReason {
+    /// No response reached the filter (client gone, upstream unreachable).
+    NoResponse,
+    /// A 502 or 504: a proxy-generated failure or time-out, never stored.
+    GatewayFailure,
+    /// The status is not in `store_status`.
+    NotStored,
+    /// The body exceeded `max_capture_bytes`.
+    TooLarge,
+    /// The response did not complete (no end of stream, bytes short of Content-Length).
+    Incomplete,
+}
+
+impl ReleaseReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReleaseReason::NoResponse => "no response",
+            ReleaseReason::GatewayFailure => "gateway failure (502/504)",
+            ReleaseReason::NotStored => "status not in store_status",
+            ReleaseReason::TooLarge => "response larger than max_capture_bytes",
+            ReleaseReason::Incomplete => "response incomplete",
+        }
+    }
+}
+
+/// Decides at the end of the request. `complete`: end of stream was seen (or trailers).
+/// Without it, a response is complete only when the bytes seen equal its Content-Length (on
+/// Kong, end of stream does not come when the body buffers overflowed; HOSTS.md).
+pub fn at_end(capture: Option<&CaptureBuf>, complete: bool, store: &StatusSet) -> End {
+    let Some(c) = capture else {
+        return End::Release(ReleaseReason::NoResponse);
+    };
+    if c.status == 502 || c.status == 504 {
+        return End::Release(ReleaseReason::GatewayFailure);
+    }
+    if !store.contains(c.status) {
+        return End::Release(ReleaseReason::NotStored);
+    }
+    if c.overflow {
+        return End::Release(ReleaseReason::TooLarge);
+    }
+    let complete = complete || c.content_length == Some(c.seen);
+    if !complete {
+        return End::Release(ReleaseReason::Incomplete);
+    }
+    End::Record
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    }
+
+    fn below_500() -> StatusSet {
+        StatusSet(vec![(100, 499)])
+    }
+
+    #[test]
+    fn copies_headers_without_hop_by_hop_and_keeps_repeats() {
+        let c = CaptureBuf::new(
+            201,
+            &h(&[
+                (":status", "201"),
+                ("content-type", "application/octet-stream"),
+                ("set-cookie", "a=1"),
+                ("set-cookie", "b=2"),
+                ("connection", "keep-alive, x-conn"),
+                ("x-conn", "1"),
+                ("transfer-encoding", "chunked"),
+                ("content-length", "3"),
+            ]),
+            100,
+        );
+        assert_eq!(
+            c.headers,
+            h(&[
+                ("content-type", "application/octet-stream"),
+                ("set-cookie", "a=1"),
+                ("set-cookie", "b=2")
+            ])
+        );
+        assert_eq!(c.content_length, Some(3));
+        let rec: CaptureRecord = serde_json::from_slice(&c.record_body("k", "t")).unwrap();
+        assert_eq!(rec.lease_token.as_deref(), Some("t"));
+        assert_eq!(rec.response.response_headers.len(), 3);
+    }
+
+    #[test]
+    fn body_is_stored_base64_byte_for_byte() {
+        let mut c = CaptureBuf::new(200, &[], 10);
+        c.push(&[0, 255, 10]);
+        c.push(&[13]);
+        let rec: CaptureRecord = serde_json::from_slice(&c.record_body("k", "t")).unwrap();
+        assert_eq!(
+            STANDARD.decode(rec.response.response_body).unwrap(),
+            [0, 255, 10, 13]
+        );
+        assert_eq!(at_end(Some(&c), true, &below_500()), End::Record);
+    }
+
+    #[test]
+    fn over_the_limit_releases() {
+        let mut c = CaptureBuf::new(200, &[], 4);
+        c.push(b"abc");
+        c.push(b"de");
+        assert!(c.overflow());
+        assert_eq!(c.seen(), 5);
+        assert_eq!(
+            at_end(Some(&c), true, &below_500()),
+            End::Release(ReleaseReason::TooLarge)
+        );
+        let c = CaptureBuf::new(200, &h(&[("Content-Length", "5")]), 4);
+        assert!(c.overflow(), "known too large from Content-Length");
+        let mut c = CaptureBuf::new(200, &[], 4);
+        c.push(b"abcd");
+        assert!(!c.overflow(), "exactly the limit is kept");
+    }
+
+    #[test]
+    fn end_decisions() {
+        let store = below_500();
+        assert_eq!(
+            at_end(None, true, &store),
+            End::Release(ReleaseReason::NoResponse)
+        );
+        for s in [502, 504] {
+            let c = CaptureBuf::new(s, &[], 10);
+            let all = StatusSet(vec![(100, 599)]);
+            assert_eq!(
+                at_end(Some(&c), true, &all),
+                End::Release(ReleaseReason::GatewayFailure)
+            );
+        }
+        let c = CaptureBuf::new(503, &[], 10);
+        assert_eq!(
+            at_end(Some(&c), true, &store),
+            End::Release(ReleaseReason::NotStored)
+        );
+        let c = CaptureBuf::new(500, &[], 10);
+        assert_eq!(
+            at_end(Some(&c), true, &StatusSet(vec![(500, 500)])),
+            End::Record
+        );
+        // No end of stream: complete only when Content-Length bytes were seen.
+        let mut c = CaptureBuf::new(200, &h(&[("content-length", "3")]), 10);
+        c.push(b"ab");
+        assert_eq!(
+            at_end(Some(&c), false, &store),
+            End::Release(ReleaseReason::Incomplete)
+        );
+        c.push(b"c");
+        assert_eq!(at_end(Some(&c), false, &store), End::Record);
+        let c = CaptureBuf::new(200, &[], 10);
+        assert_eq!(
+            at_end(Some(&c), false, &store),
+            End::Release(ReleaseReason::Incomplete)
+        );
+    }
+
+    #[test]
+    fn release_body_shape() {
+        let r: ReleaseRequest = serde_json::from_slice(&release_body("k", "t")).unwrap();
+        assert_eq!(r.idempotency_key, "k");
+        assert_eq!(r.lease_token.as_deref(), Some("t"));
+    }
+}

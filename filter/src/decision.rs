@@ -1,0 +1,239 @@
+//! What each backend answer means for the request, and the calls the filter makes.
+//!
+//! Allocate (`PUT {prefix}/captures`): 202 → proceed with the lease; 200 → replay; 409 →
+//! conflict (or, with `conflict: wait`, ask again with `wait_ms`); 422 → mismatch (unless the
+//! backend says the key itself is malformed, which is the filter's fault: a server error);
+//! anything else, no answer, or a failed call → server error, handled per `on_server_error`.
+
+use idempotency_spec::{AllocateRequest, Allocated, CaptureRecord, Problem, problem_type};
+
+use crate::config::Config;
+
+/// The answer of a call as the filter sees it: `None` status when the call failed (Envoy: no
+/// headers; Kong: `:dispatch_status` set, no `:status`).
+#[derive(Debug, Clone, Default)]
+pub struct CallAnswer {
+    pub status: Option<u16>,
+    pub retry_after: Option<String>,
+    pub failure: Option<String>,
+    pub body: Vec<u8>,
+}
+
+impl CallAnswer {
+    /// Reads `:status`, `retry-after` and Kong's `:dispatch_status` from the answer's headers.
+    pub fn from_headers(headers: &[(String, String)], body: Vec<u8>) -> CallAnswer {
+        let get = |name: &str| {
+            headers
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.clone())
+        };
+        let status = get(":status").and_then(|s| s.trim().parse::<u16>().ok());
+        let failure = match (status, get(":dispatch_status")) {
+            (None, Some(d)) => Some(d),
+            (None, None) => Some("no answer".to_string()),
+            _ => None,
+        };
+        CallAnswer {
+            status,
+            retry_after: get("retry-after"),
+            failure,
+            body,
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match (self.status, &self.failure) {
+            (Some(s), _) => format!("status {s}"),
+            (None, Some(f)) => format!("call failed ({f})"),
+            (None, None) => "call failed".to_string(),
+        }
+    }
+}
+
+/// The meaning of an allocate answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Allocation {
+    /// 202: the request holds the key; go on to the upstream.
+    Proceed { lease_token: String },
+    /// 200: the key completed earlier; replay this.
+    Replay(Box<CaptureRecord>),
+    /// 409: another request holds the key.
+    Conflict { retry_after: Option<String> },
+    /// 422: the key was used with another request.
+    Mismatch,
+    /// Anything else.
+    ServerError(String),
+}
+
+pub fn allocation(answer: &CallAnswer) -> Allocation {
+    match answer.status {
+        Some(202) => match serde_json::from_slice::<Allocated>(&answer.body) {
+            Ok(a) if !a.lease_token.is_empty() => Allocation::Proceed {
+                lease_token: a.lease_token,
+            },
+            _ => Allocation::ServerError("202 without a lease token".to_string()),
+        },
+        Some(200) => match serde_json::from_slice::<CaptureRecord>(&answer.body) {
+            Ok(r) => Allocation::Replay(Box::new(r)),
+            Err(e) => Allocation::ServerError(format!("200 with an unreadable capture: {e}")),
+        },
+        Some(409) => Allocation::Conflict {
+            retry_after: answer.retry_after.clone(),
+        },
+        Some(422) => match serde_json::from_slice::<Problem>(&answer.body) {
+            Ok(p) if p.kind == problem_type::MALFORMED_KEY => {
+                Allocation::ServerError("the backend refused the key as malformed".to_string())
+            }
+            _ => Allocation::Mismatch,
+        },
+        _ => Allocation::ServerError(answer.describe()),
+    }
+}
+
+/// The body of an allocation; `wait` asks the backend to wait for the holder.
+pub fn allocate_body(cfg: &Config, key: &str, fingerprint: Option<String>, wait: bool) -> Vec<u8> {
+    serde_json::to_vec(&AllocateRequest {
+        idempotency_key: key.to_string(),
+        fingerprint,
+        lease_ms: Some(cfg.lease_ms),
+        wait_ms: wait.then_some(cfg.wait_ms),
+    })
+    .unwrap_or_default()
+}
+
+/// The headers of a call to the backend.
+pub fn call_headers<'a>(
+    method: &'a str,
+    path: &'a str,
+    authority: &'a str,
+    bearer: Option<&'a str>,
+) -> Vec<(&'static str, String)> {
+    let mut h = vec![
+        (":method", method.to_string()),
+        (":path", path.to_string()),
+        (":authority", authority.to_string()),
+        ("content-type", "application/json".to_string()),
+        ("accept", "application/json".to_string()),
+    ];
+    if let Some(t) = bearer {
+        h.push(("authorization", format!("Bearer {t}")));
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ans(status: Option<u16>, body: &str) -> CallAnswer {
+        CallAnswer {
+            status,
+            retry_after: Some("2".into()),
+            failure: None,
+            body: body.as_bytes().to_vec(),
+        }
+    }
+
+    #[test]
+    fn allocate_answers() {
+        assert_eq!(
+            allocation(&ans(
+                Some(202),
+                r#"{"lease_token":"t","lease_expires_at":"x"}"#
+            )),
+            Allocation::Proceed {
+                lease_token: "t".into()
+            }
+        );
+        assert!(matches!(
+            allocation(&ans(Some(202), "")),
+            Allocation::ServerError(_)
+        ));
+        let rec = r#"{"idempotency_key":"k","response":{"response_status":201,"response_body":"","response_headers":[]}}"#;
+        assert!(
+            matches!(allocation(&ans(Some(200), rec)), Allocation::Replay(r) if r.response.response_status == 201)
+        );
+        assert!(matches!(
+            allocation(&ans(Some(200), "{}")),
+            Allocation::ServerError(_)
+        ));
+        assert_eq!(
+            allocation(&ans(Some(409), "")),
+            Allocation::Conflict {
+                retry_after: Some("2".into())
+            }
+        );
+        let mismatch = format!(
+            r#"{{"type":"{}","title":"t","status":422,"detail":"d"}}"#,
+            problem_type::FINGERPRINT_MISMATCH
+        );
+        assert_eq!(allocation(&ans(Some(422), &mismatch)), Allocation::Mismatch);
+        assert_eq!(allocation(&ans(Some(422), "")), Allocation::Mismatch);
+        let malformed = format!(
+            r#"{{"type":"{}","title":"t","status":422,"detail":"d"}}"#,
+            problem_type::MALFORMED_KEY
+        );
+        assert!(matches!(
+            allocation(&ans(Some(422), &malformed)),
+            Allocation::ServerError(_)
+        ));
+        for s in [400, 401, 403, 500, 503] {
+            assert!(matches!(
+                allocation(&ans(Some(s), "")),
+                Allocation::ServerError(_)
+            ));
+        }
+        assert!(matches!(
+            allocation(&ans(None, "")),
+            Allocation::ServerError(_)
+        ));
+    }
+
+    #[test]
+    fn call_answer_from_headers() {
+        let h = |p: &[(&str, &str)]| {
+            p.iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect::<Vec<_>>()
+        };
+        let a = CallAnswer::from_headers(&h(&[(":status", "409"), ("Retry-After", "3")]), vec![]);
+        assert_eq!(a.status, Some(409));
+        assert_eq!(a.retry_after.as_deref(), Some("3"));
+        assert_eq!(a.failure, None);
+        let a = CallAnswer::from_headers(&h(&[(":dispatch_status", "timeout")]), vec![]);
+        assert_eq!(a.status, None);
+        assert_eq!(a.failure.as_deref(), Some("timeout"));
+        assert!(a.describe().contains("timeout"));
+        let a = CallAnswer::from_headers(&[], vec![]);
+        assert_eq!(a.failure.as_deref(), Some("no answer"));
+    }
+
+    #[test]
+    fn allocate_body_carries_lease_fingerprint_and_wait() {
+        let cfg =
+            Config::parse(br#"{"server":{"upstream":"b:1"},"conflict":"wait","wait_ms":5000}"#)
+                .unwrap();
+        let r: AllocateRequest =
+            serde_json::from_slice(&allocate_body(&cfg, "k", Some("f".into()), true)).unwrap();
+        assert_eq!(r.lease_ms, Some(60_000));
+        assert_eq!(r.wait_ms, Some(5000));
+        assert_eq!(r.fingerprint.as_deref(), Some("f"));
+        let r: AllocateRequest =
+            serde_json::from_slice(&allocate_body(&cfg, "k", None, false)).unwrap();
+        assert_eq!(r.wait_ms, None);
+        assert_eq!(r.fingerprint, None);
+    }
+
+    #[test]
+    fn call_headers_include_bearer_when_set() {
+        let h = call_headers("PUT", "/api/v2/captures", "b:1", Some("tok"));
+        assert!(h.contains(&(":authority", "b:1".to_string())));
+        assert!(h.contains(&("authorization", "Bearer tok".to_string())));
+        assert!(
+            !call_headers("PUT", "/p", "a", None)
+                .iter()
+                .any(|(n, _)| *n == "authorization")
+        );
+    }
+}

@@ -1,0 +1,665 @@
+//! The HTTP context: a thin sequencing of the pure modules over the proxy-wasm callbacks.
+//!
+//! Request: key → scope → body (fingerprint) → allocate (request paused) → proceed, replay,
+//! 409, 422 or per `on_server_error`. Response: copy as it passes (always `Continue`) → at
+//! the end record or release, inline (Envoy: the end of the response is held until the call
+//! answers) or through the queue (Kong, and wherever a call could not be made inline).
+//!
+//! Where each host call is made (HOSTS.md):
+//! - `dispatch_http_call` from this context only in `on_http_request_headers`,
+//!   `on_http_request_body` and `on_http_call_response` of a request that is paused on it, so
+//!   the call always answers before the request can end; in response phases only when
+//!   [`crate::host::inline`] says so (never on Kong).
+//! - `send_http_response` only in request phases and `on_http_call_response`; the response
+//!   callbacks of a local reply only apply the fix-ups of [`crate::replay`].
+
+use std::rc::Rc;
+use std::time::Duration;
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext};
+use proxy_wasm::types::{Action, BufferType, LogLevel, MapType};
+
+use crate::capture::{self, CaptureBuf, End};
+use crate::config::{Config, Conflict, OnServerError};
+use crate::decision::{self, Allocation, CallAnswer};
+use crate::fingerprint::Fingerprint;
+use crate::host::{self, Host};
+use crate::key;
+use crate::metrics::Metric;
+use crate::problem::{self, Kind};
+use crate::queue::{Class, Entry, Op, Target, classify};
+use crate::replay::{self, HeaderOp, LocalReply};
+use crate::scope::{self, ScopeInput};
+use crate::shared::{count, enqueue, log, now_ms};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Not handled (other method, no key, passed on error): every callback continues.
+    Idle,
+    /// Hashing the request body until its end.
+    ReadingBody,
+    /// The allocate call is in flight; `wait` when it is the `conflict: wait` retry.
+    Allocating { wait: bool },
+    /// Holding the lease: the upstream's response is copied as it passes.
+    Proxying,
+    /// The record/release call is in flight inline, the end of the response held.
+    Inline,
+    /// The key's end (record or release) was handed over; the response passes.
+    Done,
+    /// The filter answered itself; the response callbacks apply the fix-ups.
+    LocalReply,
+}
+
+pub struct Http {
+    cfg: Option<Rc<Config>>,
+    target: Option<Rc<Target>>,
+    host: Host,
+    phase: Phase,
+    key: String,
+    fingerprint: Option<Fingerprint>,
+    content_length: Option<u64>,
+    /// Request body bytes seen, and how many of the host's buffer were hashed.
+    body_total: u64,
+    body_hashed: usize,
+    lease: Option<String>,
+    capture: Option<CaptureBuf>,
+    /// The inline call's operation and body, re-queued if the request ends before it answers.
+    inline_call: Option<(Op, Vec<u8>)>,
+    reply: Option<LocalReply>,
+    reply_out: usize,
+}
+
+/// What a request step wants the host to do next.
+enum Next {
+    Continue,
+    Pause,
+}
+
+impl Next {
+    fn action(self) -> Action {
+        match self {
+            Next::Continue => Action::Continue,
+            Next::Pause => Action::Pause,
+        }
+    }
+}
+
+impl Http {
+    pub fn new(cfg: Option<Rc<Config>>, target: Option<Rc<Target>>) -> Http {
+        Http {
+            cfg,
+            target,
+            host: Host::Unknown,
+            phase: Phase::Idle,
+            key: String::new(),
+            fingerprint: None,
+            content_length: None,
+            body_total: 0,
+            body_hashed: 0,
+            lease: None,
+            capture: None,
+            inline_call: None,
+            reply: None,
+            reply_out: 0,
+        }
+    }
+
+    // ----- local replies -----
+
+    fn send_reply(&mut self, reply: LocalReply) -> Next {
+        let headers: Vec<(&str, &str)> = reply
+            .headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        if let Err(e) =
+            hostcalls::send_http_response(u32::from(reply.status), headers, Some(&reply.body))
+        {
+            log(
+                LogLevel::Error,
+                &format!("send_http_response failed (status {})", e as u32),
+            );
+        }
+        self.phase = Phase::LocalReply;
+        self.reply = Some(reply);
+        self.reply_out = 0;
+        Next::Pause
+    }
+
+    fn send_problem(&mut self, kind: Kind, detail: &str, retry_after: Option<&str>) -> Next {
+        let a = problem::answer(kind, detail, retry_after);
+        self.send_reply(LocalReply {
+            status: a.status,
+            headers: a.headers,
+            body: a.body,
+        })
+    }
+
+    fn server_error(&mut self, cfg: &Config, reason: &str) -> Next {
+        match cfg.on_server_error {
+            OnServerError::Reject => {
+                log(
+                    LogLevel::Warn,
+                    &format!("backend error, answering 503: {reason}"),
+                );
+                count(Metric::ServerError);
+                self.send_problem(
+                    Kind::ServerError,
+                    "the idempotency backend could not be reached; retry later with the same key",
+                    None,
+                )
+            }
+            OnServerError::Pass => {
+                log(
+                    LogLevel::Warn,
+                    &format!("backend error, forwarding without idempotency: {reason}"),
+                );
+                count(Metric::PassedOnError);
+                self.phase = Phase::Idle;
+                Next::Continue
+            }
+        }
+    }
+
+    // ----- request path -----
+
+    fn on_request_headers(&mut self, cfg: &Config, end_of_stream: bool) -> Next {
+        self.host = crate::shared::host();
+        let Ok(headers) = hostcalls::get_map(MapType::HttpRequestHeaders) else {
+            return Next::Continue;
+        };
+        let get = |name: &str| {
+            headers
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_str())
+        };
+        let method = get(":method").unwrap_or("");
+        if !cfg.applies_to(method) {
+            return Next::Continue;
+        }
+        let values: Vec<&str> = headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(&cfg.header))
+            .map(|(_, v)| v.as_str())
+            .collect();
+        let raw = match values.as_slice() {
+            [] if cfg.require_key => {
+                count(Metric::MissingKey);
+                let detail = format!("this request requires an {} header", cfg.header);
+                return self.send_problem(Kind::MissingKey, &detail, None);
+            }
+            [] => {
+                count(Metric::NoKey);
+                return Next::Continue;
+            }
+            [one] => *one,
+            _ => {
+                count(Metric::InvalidKey);
+                let detail = format!("the {} header is repeated", cfg.header);
+                return self.send_problem(Kind::InvalidKey, &detail, None);
+            }
+        };
+        let client_key = match key::parse(raw.as_bytes()) {
+            Ok(k) => k,
+            Err(e) => {
+                count(Metric::InvalidKey);
+                return self.send_problem(Kind::InvalidKey, e.detail(), None);
+            }
+        };
+        let path = get(":path").unwrap_or("/");
+        let host_name = get("host").or_else(|| get(":authority")).unwrap_or("");
+        let digest = scope::digest(
+            cfg.scope.route,
+            &cfg.scope.headers,
+            &ScopeInput {
+                method,
+                host: host_name,
+                path,
+                headers: &headers,
+            },
+        );
+        self.key = key::backend_key(&digest, &client_key);
+        self.content_length = get("content-length").and_then(|v| v.trim().parse::<u64>().ok());
+        if self
+            .content_length
+            .is_some_and(|cl| cl > cfg.max_request_body_bytes)
+        {
+            return self.too_large(cfg);
+        }
+        if !cfg.fingerprint {
+            // Nothing to read: the body's size is bounded by its Content-Length only.
+            return self.allocate(cfg, false);
+        }
+        self.fingerprint = Some(Fingerprint::new(method, path, get("content-type")));
+        let body_expected = if self.host == Host::Ngx {
+            // ngx_wasm_module passes end_of_stream = 1 to on_request_headers whatever follows
+            // (NGX_HTTP_PROXY_WASM_EOF in ngx_http_proxy_wasm.c), and calls on_request_body
+            // only for a non-empty body: decide from the framing headers.
+            self.content_length.is_some_and(|cl| cl > 0)
+                || (self.content_length.is_none() && get("transfer-encoding").is_some())
+        } else {
+            !end_of_stream
+        };
+        if !body_expected {
+            return self.allocate(cfg, false);
+        }
+        self.phase = Phase::ReadingBody;
+        if self.host.pause_headers_for_body() {
+            Next::Pause
+        } else {
+            Next::Continue
+        }
+    }
+
+    fn too_large(&mut self, cfg: &Config) -> Next {
+        count(Metric::TooLarge);
+        let detail = format!(
+            "the request body is larger than this route's limit of {} bytes",
+            cfg.max_request_body_bytes
+        );
+        self.send_problem(Kind::BodyTooLarge, &detail, None)
+    }
+
+    fn on_request_body(&mut self, cfg: &Config, size: usize, end_of_stream: bool) -> Next {
+        // Kong: nginx spooled the body to a file; the filter sees it empty (HOSTS.md).
+        if size == 0
+            && end_of_stream
+            && self.body_total == 0
+            && self.content_length.is_some_and(|cl| cl > 0)
+        {
+            count(Metric::TooLarge);
+            return self.send_problem(
+                Kind::BodySpooled,
+                &problem::spooled_detail(cfg.max_request_body_bytes),
+                None,
+            );
+        }
+        // The host's buffer holds what was paused on before (Envoy) plus the new bytes.
+        let (start, new) = if size >= self.body_hashed {
+            (self.body_hashed, size - self.body_hashed)
+        } else {
+            (0, size)
+        };
+        self.body_total = self.body_total.saturating_add(new as u64);
+        if self.body_total > cfg.max_request_body_bytes {
+            return self.too_large(cfg);
+        }
+        if new > 0 {
+            let bytes = hostcalls::get_buffer(BufferType::HttpRequestBody, start, new)
+                .ok()
+                .flatten()
+                .unwrap_or_default();
+            if bytes.len() != new {
+                // ngx_wasm_module: the body is in nginx's temporary file; the host reports
+                // its size but serves no bytes ("cannot read request body buffered to file").
+                count(Metric::TooLarge);
+                return self.send_problem(
+                    Kind::BodySpooled,
+                    &problem::spooled_detail(cfg.max_request_body_bytes),
+                    None,
+                );
+            }
+            if let Some(fp) = self.fingerprint.as_mut() {
+                fp.update(&bytes);
+            }
+            self.body_hashed = start.saturating_add(new);
+        }
+        if !end_of_stream {
+            // Envoy: StopIterationAndBuffer until the end (Kong delivers it whole).
+            return Next::Pause;
+        }
+        self.allocate(cfg, false)
+    }
+
+    fn allocate(&mut self, cfg: &Config, wait: bool) -> Next {
+        // Cloned: the `conflict: wait` retry sends the same fingerprint again.
+        let fingerprint = self.fingerprint.clone().map(Fingerprint::finish);
+        let body = decision::allocate_body(cfg, &self.key, fingerprint, wait);
+        let path = cfg.server.captures_path();
+        let headers = decision::call_headers(
+            "PUT",
+            &path,
+            &cfg.server.authority,
+            cfg.server.token.as_deref(),
+        );
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+        let timeout = cfg.server.timeout_ms + if wait { cfg.wait_ms } else { 0 };
+        match hostcalls::dispatch_http_call(
+            &cfg.server.upstream,
+            headers,
+            Some(&body),
+            vec![],
+            Duration::from_millis(timeout),
+        ) {
+            Ok(_) => {
+                self.phase = Phase::Allocating { wait };
+                Next::Pause
+            }
+            Err(e) => self.server_error(
+                cfg,
+                &format!("allocate dispatch failed (status {})", e as u32),
+            ),
+        }
+    }
+
+    fn on_allocated(&mut self, cfg: &Config, wait: bool, answer: &CallAnswer) -> Next {
+        match decision::allocation(answer) {
+            Allocation::Proceed { lease_token } => {
+                count(Metric::Allocated);
+                self.lease = Some(lease_token);
+                self.fingerprint = None;
+                self.phase = Phase::Proxying;
+                Next::Continue
+            }
+            Allocation::Replay(record) => {
+                match replay::from_capture(
+                    &record.response,
+                    &cfg.strip_on_replay,
+                    &cfg.replay_header,
+                ) {
+                    Ok(reply) => {
+                        count(if wait {
+                            Metric::Waited
+                        } else {
+                            Metric::Replayed
+                        });
+                        self.send_reply(reply)
+                    }
+                    Err(e) => {
+                        self.server_error(cfg, &format!("stored capture unusable: {}", e.as_str()))
+                    }
+                }
+            }
+            Allocation::Conflict { retry_after } => {
+                if cfg.conflict == Conflict::Wait && !wait {
+                    return self.allocate(cfg, true);
+                }
+                count(Metric::Conflict);
+                let ra = problem::retry_after(retry_after.as_deref());
+                self.send_problem(
+                    Kind::Conflict,
+                    "another request with this idempotency key is in progress; retry after it completes",
+                    Some(&ra),
+                )
+            }
+            Allocation::Mismatch => {
+                count(Metric::Mismatch);
+                self.send_problem(
+                    Kind::Mismatch,
+                    "this idempotency key was already used with a different request",
+                    None,
+                )
+            }
+            Allocation::ServerError(reason) => self.server_error(cfg, &reason),
+        }
+    }
+
+    // ----- response path -----
+
+    /// The end of the response (or of the request): record or release, once.
+    fn finish(&mut self, cfg: &Config, complete: bool, may_hold: bool) -> Action {
+        if self.phase != Phase::Proxying {
+            return Action::Continue;
+        }
+        self.phase = Phase::Done;
+        let (Some(lease), Some(target)) = (self.lease.clone(), self.target.clone()) else {
+            return Action::Continue;
+        };
+        let end = capture::at_end(self.capture.as_ref(), complete, &cfg.store_status);
+        let (op, body) = match (end, self.capture.as_ref()) {
+            (End::Record, Some(c)) => (Op::Record, c.record_body(&self.key, &lease)),
+            (End::Release(reason), _) => {
+                log(LogLevel::Debug, &format!("releasing: {}", reason.as_str()));
+                (Op::Release, capture::release_body(&self.key, &lease))
+            }
+            (End::Record, None) => (Op::Release, capture::release_body(&self.key, &lease)),
+        };
+        self.capture = None;
+        if may_hold && host::inline(cfg.record, self.host) {
+            let headers = decision::call_headers(
+                op.method(),
+                &target.path,
+                &target.authority,
+                target.token.as_deref(),
+            );
+            let headers: Vec<(&str, &str)> =
+                headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+            if hostcalls::dispatch_http_call(
+                &target.upstream,
+                headers,
+                Some(&body),
+                vec![],
+                Duration::from_millis(target.timeout_ms),
+            )
+            .is_ok()
+            {
+                self.phase = Phase::Inline;
+                self.inline_call = Some((op, body));
+                return Action::Pause;
+            }
+        }
+        enqueue(
+            Entry::new(op, target, body, cfg.queue.max_attempts, now_ms()),
+            &cfg.queue,
+        );
+        Action::Continue
+    }
+
+    fn on_inline_answer(&mut self, cfg: &Config, answer: &CallAnswer) {
+        self.phase = Phase::Done;
+        let Some((op, body)) = self.inline_call.take() else {
+            return;
+        };
+        match classify(answer.status, false) {
+            Class::Done => count(if op == Op::Record {
+                Metric::Recorded
+            } else {
+                Metric::Released
+            }),
+            Class::Fail => {
+                count(Metric::RecordFailed);
+                log(
+                    LogLevel::Warn,
+                    &format!("{} refused: {}", op.name(), answer.describe()),
+                );
+            }
+            Class::Retry => {
+                if let Some(target) = self.target.clone() {
+                    let mut e = Entry::new(op, target, body, cfg.queue.max_attempts, now_ms());
+                    e.attempts = 1;
+                    e.tolerate_403 = true;
+                    enqueue(e, &cfg.queue);
+                }
+            }
+        }
+        let _ = hostcalls::resume_http_response();
+    }
+
+    fn reply_headers(&mut self) {
+        let Some(reply) = self.reply.as_ref() else {
+            return;
+        };
+        let present = hostcalls::get_map(MapType::HttpResponseHeaders).unwrap_or_default();
+        for op in replay::header_fixups(&present, reply) {
+            let _ = match op {
+                HeaderOp::Remove(n) => {
+                    hostcalls::remove_map_value(MapType::HttpResponseHeaders, &n)
+                }
+                HeaderOp::Add(n, v) => {
+                    hostcalls::add_map_value(MapType::HttpResponseHeaders, &n, &v)
+                }
+            };
+        }
+    }
+
+    fn reply_body(&mut self, size: usize, end_of_stream: bool) {
+        let Some(reply) = self.reply.as_ref() else {
+            return;
+        };
+        let chunk = if size > 0 {
+            hostcalls::get_buffer(BufferType::HttpResponseBody, 0, size)
+                .ok()
+                .flatten()
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let (replacement, out) =
+            replay::body_fixup(&chunk, self.reply_out, end_of_stream, &reply.body);
+        self.reply_out = out;
+        if let Some(bytes) = replacement {
+            let _ = hostcalls::set_buffer(BufferType::HttpResponseBody, 0, size, &bytes);
+        }
+    }
+}
+
+impl Context for Http {
+    fn on_http_call_response(
+        &mut self,
+        _token: u32,
+        _headers: usize,
+        body_size: usize,
+        _trailers: usize,
+    ) {
+        let Some(cfg) = self.cfg.clone() else {
+            return;
+        };
+        let headers = hostcalls::get_map(MapType::HttpCallResponseHeaders).unwrap_or_default();
+        let body = if body_size > 0 {
+            hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+                .ok()
+                .flatten()
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let answer = CallAnswer::from_headers(&headers, body);
+        match self.phase {
+            Phase::Allocating { wait } => {
+                if let Next::Continue = self.on_allocated(&cfg, wait, &answer) {
+                    let _ = hostcalls::resume_http_request();
+                }
+            }
+            Phase::Inline => self.on_inline_answer(&cfg, &answer),
+            _ => {}
+        }
+    }
+}
+
+impl HttpContext for Http {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        let Some(cfg) = self.cfg.clone() else {
+            return Action::Continue;
+        };
+        if self.phase != Phase::Idle {
+            return Action::Continue;
+        }
+        self.on_request_headers(&cfg, end_of_stream).action()
+    }
+
+    fn on_http_request_body(&mut self, size: usize, end_of_stream: bool) -> Action {
+        let Some(cfg) = self.cfg.clone() else {
+            return Action::Continue;
+        };
+        match self.phase {
+            Phase::ReadingBody => self.on_request_body(&cfg, size, end_of_stream).action(),
+            // A local reply was sent from the headers: hold the body back.
+            Phase::LocalReply => Action::Pause,
+            _ => Action::Continue,
+        }
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        let Some(cfg) = self.cfg.clone() else {
+            return Action::Continue;
+        };
+        match self.phase {
+            Phase::LocalReply => {
+                self.reply_headers();
+                Action::Continue
+            }
+            Phase::Proxying => {
+                let headers = hostcalls::get_map(MapType::HttpResponseHeaders).unwrap_or_default();
+                let status = headers
+                    .iter()
+                    .find(|(n, _)| n == ":status")
+                    .and_then(|(_, v)| v.trim().parse::<u16>().ok());
+                if let Some(status) = status {
+                    self.capture = Some(CaptureBuf::new(status, &headers, cfg.max_capture_bytes));
+                }
+                if end_of_stream {
+                    return self.finish(&cfg, true, true);
+                }
+                Action::Continue
+            }
+            _ => Action::Continue,
+        }
+    }
+
+    fn on_http_response_body(&mut self, size: usize, end_of_stream: bool) -> Action {
+        let Some(cfg) = self.cfg.clone() else {
+            return Action::Continue;
+        };
+        match self.phase {
+            Phase::LocalReply => {
+                self.reply_body(size, end_of_stream);
+                Action::Continue
+            }
+            Phase::Proxying => {
+                if let Some(c) = self.capture.as_mut()
+                    && size > 0
+                {
+                    if c.overflow() {
+                        c.skip(size);
+                    } else {
+                        match hostcalls::get_buffer(BufferType::HttpResponseBody, 0, size) {
+                            Ok(Some(bytes)) => c.push(&bytes),
+                            _ => c.skip(size),
+                        }
+                    }
+                }
+                if end_of_stream {
+                    return self.finish(&cfg, true, true);
+                }
+                Action::Continue
+            }
+            _ => Action::Continue,
+        }
+    }
+
+    fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
+        let Some(cfg) = self.cfg.clone() else {
+            return Action::Continue;
+        };
+        // Trailers end the response (Envoy: the last body callback had no end of stream).
+        self.finish(&cfg, true, true)
+    }
+
+    fn on_log(&mut self) {
+        let Some(cfg) = self.cfg.clone() else {
+            return;
+        };
+        match self.phase {
+            // No end of stream: complete only if Content-Length bytes went by. No call from
+            // here (Kong traps): the queue sends it.
+            Phase::Proxying => {
+                let _ = self.finish(&cfg, false, false);
+            }
+            // The request ended while the inline call was in flight (client gone): the host
+            // may cancel it; queue it again, a 403 then meaning it was applied after all.
+            Phase::Inline => {
+                if let (Some((op, body)), Some(target)) =
+                    (self.inline_call.take(), self.target.clone())
+                {
+                    let mut e = Entry::new(op, target, body, cfg.queue.max_attempts, now_ms());
+                    e.tolerate_403 = true;
+                    enqueue(e, &cfg.queue);
+                }
+                self.phase = Phase::Done;
+            }
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,111 @@
+//! The request fingerprint: SHA-256 over the method, the path with its query, the
+//! content-type and the body, streamed (the body is hashed as it passes, never kept).
+//! The same key presented with another fingerprint gets 422 from the backend.
+
+use sha2::{Digest, Sha256};
+
+/// A fingerprint being computed.
+#[derive(Clone)]
+pub struct Fingerprint {
+    hasher: Sha256,
+    body_len: u64,
+}
+
+fn put(h: &mut Sha256, bytes: &[u8]) {
+    h.update((bytes.len() as u64).to_be_bytes());
+    h.update(bytes);
+}
+
+impl Fingerprint {
+    pub fn new(method: &str, path_with_query: &str, content_type: Option<&str>) -> Fingerprint {
+        let mut hasher = Sha256::new();
+        put(&mut hasher, b"idempotency-fingerprint/1");
+        put(&mut hasher, method.as_bytes());
+        put(&mut hasher, path_with_query.as_bytes());
+        match content_type {
+            Some(ct) => {
+                hasher.update([1]);
+                put(&mut hasher, ct.trim().as_bytes());
+            }
+            None => hasher.update([0]),
+        }
+        Fingerprint {
+            hasher,
+            body_len: 0,
+        }
+    }
+
+    pub fn update(&mut self, chunk: &[u8]) {
+        self.hasher.update(chunk);
+        self.body_len = self.body_len.saturating_add(chunk.len() as u64);
+    }
+
+    pub fn body_len(&self) -> u64 {
+        self.body_len
+    }
+
+    /// `sha-256:` and 64 lower-case hex digits (72 bytes, within the backend's 1024).
+    pub fn finish(mut self) -> String {
+        self.hasher.update(self.body_len.to_be_bytes());
+        let digest: [u8; 32] = self.hasher.finalize().into();
+        let mut out = String::with_capacity(72);
+        out.push_str("sha-256:");
+        for b in digest {
+            out.push(hex_digit(b >> 4));
+            out.push(hex_digit(b & 0xf));
+        }
+        out
+    }
+}
+
+fn hex_digit(n: u8) -> char {
+    char::from_digit(u32::from(n), 16).unwrap_or('0')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fp(method: &str, path: &str, ct: Option<&str>, chunks: &[&[u8]]) -> String {
+        let mut f = Fingerprint::new(method, path, ct);
+        for c in chunks {
+            f.update(c);
+        }
+        f.finish()
+    }
+
+    #[test]
+    fn chunking_does_not_matter() {
+        let whole = fp("POST", "/p?q=1", Some("application/json"), &[b"{\"a\":1}"]);
+        let split = fp(
+            "POST",
+            "/p?q=1",
+            Some("application/json"),
+            &[b"{\"a", b"", b"\":1}"],
+        );
+        assert_eq!(whole, split);
+        assert_eq!(whole.len(), 72);
+        assert!(whole.starts_with("sha-256:"));
+        assert!(whole.len() <= idempotency_spec::MAX_FINGERPRINT_LEN);
+    }
+
+    #[test]
+    fn every_part_counts() {
+        let base = fp("POST", "/p?q=1", Some("application/json"), &[b"{}"]);
+        assert_ne!(
+            base,
+            fp("PATCH", "/p?q=1", Some("application/json"), &[b"{}"])
+        );
+        assert_ne!(
+            base,
+            fp("POST", "/p?q=2", Some("application/json"), &[b"{}"])
+        );
+        assert_ne!(base, fp("POST", "/p?q=1", Some("text/plain"), &[b"{}"]));
+        assert_ne!(base, fp("POST", "/p?q=1", None, &[b"{}"]));
+        assert_ne!(
+            base,
+            fp("POST", "/p?q=1", Some("application/json"), &[b"{ }"])
+        );
+        assert_ne!(fp("POST", "/", None, &[]), fp("POST", "/", Some(""), &[]));
+    }
+}

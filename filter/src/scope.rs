@@ -1,0 +1,157 @@
+//! The scope of a key: what, besides the key itself, must match for two requests to share a
+//! capture. Two clients that send the same key never see each other's responses, because
+//! their scope digests differ.
+//!
+//! The digest is SHA-256 over a length-prefixed encoding (no separator ambiguity): a version
+//! tag; when `scope.route`, the method, the host (lower case) and the path without its query;
+//! then, for each configured header name in order, the name and every value the request sent
+//! (a missing header and an empty one differ).
+
+use sha2::{Digest, Sha256};
+
+/// What the scope is computed from.
+pub struct ScopeInput<'a> {
+    pub method: &'a str,
+    pub host: &'a str,
+    /// The request path, with or without a query (the query is dropped).
+    pub path: &'a str,
+    /// Every request header (name, value); names are matched case-insensitively.
+    pub headers: &'a [(String, String)],
+}
+
+fn put(h: &mut Sha256, bytes: &[u8]) {
+    h.update((bytes.len() as u64).to_be_bytes());
+    h.update(bytes);
+}
+
+/// The path without its query.
+pub fn path_without_query(path: &str) -> &str {
+    path.split_once('?').map_or(path, |(p, _)| p)
+}
+
+/// The scope digest.
+pub fn digest(route: bool, header_names: &[String], input: &ScopeInput<'_>) -> [u8; 32] {
+    let mut h = Sha256::new();
+    put(&mut h, b"idempotency-scope/1");
+    if route {
+        put(&mut h, b"route");
+        put(&mut h, input.method.as_bytes());
+        put(&mut h, input.host.to_ascii_lowercase().as_bytes());
+        put(&mut h, path_without_query(input.path).as_bytes());
+    }
+    for name in header_names {
+        put(&mut h, b"header");
+        put(&mut h, name.as_bytes());
+        let values: Vec<&str> = input
+            .headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .collect();
+        h.update((values.len() as u64).to_be_bytes());
+        for v in values {
+            put(&mut h, v.as_bytes());
+        }
+    }
+    h.finalize().into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hdrs(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    }
+
+    fn d(
+        route: bool,
+        names: &[&str],
+        method: &str,
+        host: &str,
+        path: &str,
+        h: &[(&str, &str)],
+    ) -> [u8; 32] {
+        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        let headers = hdrs(h);
+        digest(
+            route,
+            &names,
+            &ScopeInput {
+                method,
+                host,
+                path,
+                headers: &headers,
+            },
+        )
+    }
+
+    #[test]
+    fn authorization_separates_clients() {
+        let a = d(
+            true,
+            &["authorization"],
+            "POST",
+            "api",
+            "/pay",
+            &[("Authorization", "Bearer a")],
+        );
+        let b = d(
+            true,
+            &["authorization"],
+            "POST",
+            "api",
+            "/pay",
+            &[("authorization", "Bearer b")],
+        );
+        let none = d(true, &["authorization"], "POST", "api", "/pay", &[]);
+        let empty = d(
+            true,
+            &["authorization"],
+            "POST",
+            "api",
+            "/pay",
+            &[("authorization", "")],
+        );
+        assert_ne!(a, b);
+        assert_ne!(a, none);
+        assert_ne!(none, empty);
+        let a2 = d(
+            true,
+            &["authorization"],
+            "POST",
+            "API",
+            "/pay?x=1",
+            &[("AUTHORIZATION", "Bearer a")],
+        );
+        assert_eq!(a, a2, "host case and query do not matter");
+    }
+
+    #[test]
+    fn route_is_part_of_the_scope_unless_disabled() {
+        let p1 = d(true, &[], "POST", "h", "/a", &[]);
+        let p2 = d(true, &[], "POST", "h", "/b", &[]);
+        let m2 = d(true, &[], "PATCH", "h", "/a", &[]);
+        let h2 = d(true, &[], "POST", "h2", "/a", &[]);
+        assert!(p1 != p2 && p1 != m2 && p1 != h2);
+        assert_eq!(
+            d(false, &[], "POST", "h", "/a", &[]),
+            d(false, &[], "PATCH", "h2", "/b", &[])
+        );
+    }
+
+    #[test]
+    fn no_ambiguity_between_fields() {
+        assert_ne!(
+            d(true, &[], "POST", "ab", "/c", &[]),
+            d(true, &[], "POST", "a", "b/c", &[])
+        );
+        assert_ne!(
+            d(false, &["x"], "", "", "", &[("x", "a"), ("x", "b")]),
+            d(false, &["x"], "", "", "", &[("x", "ab")])
+        );
+    }
+}

@@ -1,0 +1,91 @@
+//! Module memory shared by the root and HTTP contexts of one instance: the deferred queue,
+//! the metric ids, the detected host. A Wasm instance is single-threaded; every borrow here is
+//! short and never held across a host call that could call back into the module.
+
+use std::cell::{Cell, RefCell};
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::{LogLevel, MetricType};
+
+use crate::config::QueueConfig;
+use crate::host::Host;
+use crate::metrics::Metric;
+use crate::queue::{Entry, Queue};
+
+thread_local! {
+    static QUEUE: RefCell<Queue> = RefCell::new(Queue::default());
+    static METRICS: RefCell<Vec<Option<u32>>> = const { RefCell::new(Vec::new()) };
+    static HOST: Cell<Option<Host>> = const { Cell::new(None) };
+}
+
+/// Runs `f` on the queue.
+pub fn with_queue<T>(f: impl FnOnce(&mut Queue) -> T) -> T {
+    QUEUE.with(|q| f(&mut q.borrow_mut()))
+}
+
+/// Queues a call; counts and logs a drop.
+pub fn enqueue(entry: Entry, limits: &QueueConfig) {
+    let op = entry.op;
+    if !with_queue(|q| q.push(entry, limits)) {
+        count(Metric::QueueDropped);
+        log(
+            LogLevel::Warn,
+            &format!(
+                "queue full, {} dropped (the lease will free the key)",
+                op.name()
+            ),
+        );
+    }
+}
+
+/// Defines the metrics once per instance.
+pub fn define_metrics() {
+    METRICS.with(|m| {
+        let mut m = m.borrow_mut();
+        if !m.is_empty() {
+            return;
+        }
+        *m = Metric::ALL
+            .iter()
+            .map(|metric| hostcalls::define_metric(MetricType::Counter, metric.name()).ok())
+            .collect();
+    });
+}
+
+/// Adds one to a counter (silently nothing when it could not be defined).
+pub fn count(metric: Metric) {
+    let id = METRICS.with(|m| m.borrow().get(metric.index()).copied().flatten());
+    if let Some(id) = id {
+        let _ = hostcalls::increment_metric(id, 1);
+    }
+}
+
+/// The host, detected once per instance (see `host`).
+pub fn host() -> Host {
+    if let Some(h) = HOST.with(Cell::get) {
+        return h;
+    }
+    let ngx = matches!(
+        hostcalls::get_property(vec!["ngx", "hostname"]),
+        Ok(Some(_))
+    );
+    let node =
+        !ngx && matches!(hostcalls::get_property(vec!["node"]), Ok(Some(v)) if !v.is_empty());
+    let h = Host::detect(ngx, node);
+    HOST.with(|c| c.set(Some(h)));
+    log(LogLevel::Info, &format!("host detected: {}", h.name()));
+    h
+}
+
+/// Milliseconds since the epoch, from the host's clock (0 when it has none).
+pub fn now_ms() -> u64 {
+    hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Logs one line, prefixed with the filter's name.
+pub fn log(level: LogLevel, msg: &str) {
+    let _ = hostcalls::log(level, &format!("idempotency: {msg}"));
+}

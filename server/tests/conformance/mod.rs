@@ -1,0 +1,713 @@
+//! The store conformance suite: every rule of ARCHITECTURE.md's "Semantics", run against any
+//! [`Store`] through the trait alone.
+//!
+//! A store's test file declares the suite with a factory that opens a fresh, empty store:
+//!
+//! ```ignore
+//! #[macro_use]
+//! mod conformance;
+//!
+//! async fn open() -> conformance::Harness { /* a fresh store, and what keeps it alive */ }
+//!
+//! conformance_suite!(open);
+//! ```
+//!
+//! Each case becomes one `#[tokio::test]`. Cases use their own keys, so a factory may hand out
+//! stores that share a backend (one Redis, one MongoDB database) as long as it is empty or the
+//! keys are prefixed per run (see [`Harness::prefix`]).
+//!
+//! Time is real: leases and retentions of a few hundred milliseconds, waited for by polling
+//! until a deadline, never by a fixed sleep standing in for an event. No assertion is about
+//! how long something took.
+
+#![allow(dead_code)]
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use idempotency_server::store::{
+    Allocate, AllocateOutcome, Record, RecordOutcome, Release, ReleaseOutcome, Store, now_ms,
+};
+use idempotency_spec::{Capture, Header, HeaderValue};
+
+/// A store under test and whatever must outlive it (a temporary directory, a server process).
+pub struct Harness {
+    pub store: Arc<dyn Store>,
+    /// Prepended to every key of the suite, so that runs sharing a backend do not meet.
+    pub prefix: String,
+    _guard: Box<dyn Any + Send + Sync>,
+}
+
+impl Harness {
+    pub fn new(store: Arc<dyn Store>, guard: impl Any + Send + Sync) -> Harness {
+        Harness {
+            store,
+            prefix: String::new(),
+            _guard: Box::new(guard),
+        }
+    }
+
+    pub fn with_prefix(mut self, prefix: impl Into<String>) -> Harness {
+        self.prefix = prefix.into();
+        self
+    }
+
+    pub async fn finish(self) {
+        self.store.shutdown().await.expect("the store shuts down");
+    }
+}
+
+/// Declares one `#[tokio::test]` per case of the suite, each on a store from `$factory`.
+macro_rules! conformance_suite {
+    ($factory:path) => {
+        conformance_suite!(@cases $factory;
+            allocate_free_key_gives_a_lease,
+            allocate_on_a_live_lease_is_in_flight,
+            expired_lease_is_taken_over,
+            old_token_is_refused_after_takeover,
+            record_then_allocate_replays,
+            record_without_token_completes_any_live_allocation,
+            record_keeps_array_header_values_and_large_bodies,
+            record_is_forbidden_unless_allocated_and_live,
+            record_with_another_token_is_forbidden,
+            record_after_the_lease_expired_is_forbidden,
+            release_frees_the_key,
+            release_is_forbidden_unless_held,
+            fingerprint_mismatch_while_allocated,
+            fingerprint_mismatch_when_completed,
+            fingerprints_compare_only_when_both_present,
+            expired_lease_is_taken_over_with_another_fingerprint,
+            completed_capture_expires_after_retention,
+            purge_never_changes_an_answer,
+            keys_are_independent,
+            concurrent_allocations_of_one_key_give_one_lease,
+            concurrent_allocations_over_a_thousand_keys,
+            concurrent_takeovers_give_one_lease,
+            concurrent_records_store_once,
+            ready_answers,
+        );
+    };
+    (@cases $factory:path; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let harness = $factory().await;
+                conformance::$case(&harness).await;
+                harness.finish().await;
+            }
+        )*
+    };
+}
+
+const LONG: Duration = Duration::from_secs(3600);
+const SHORT: Duration = Duration::from_millis(200);
+/// How long a poll for an expiry may take before the test fails (generous for loaded CI).
+const DEADLINE: Duration = Duration::from_secs(10);
+
+fn key(h: &Harness, name: &str) -> String {
+    format!("{}{name}", h.prefix)
+}
+
+fn alloc(key: &str, fingerprint: Option<&str>, lease: Duration) -> Allocate {
+    Allocate {
+        key: key.to_owned(),
+        fingerprint: fingerprint.map(str::to_owned),
+        lease,
+    }
+}
+
+pub fn capture(tag: &str) -> Capture {
+    Capture {
+        response_status: 201,
+        response_body: format!("body of {tag}"),
+        response_headers: vec![Header {
+            key: "Content-Type".into(),
+            value: HeaderValue::One("application/json".into()),
+        }],
+    }
+}
+
+fn rec(key: &str, token: Option<&str>, capture: Capture, retention: Duration) -> Record {
+    Record {
+        key: key.to_owned(),
+        lease_token: token.map(str::to_owned),
+        capture,
+        retention,
+    }
+}
+
+fn rel(key: &str, token: Option<&str>) -> Release {
+    Release {
+        key: key.to_owned(),
+        lease_token: token.map(str::to_owned),
+    }
+}
+
+/// Allocate and expect a lease; returns its token and expiry.
+async fn lease(store: &dyn Store, request: Allocate) -> (String, u64) {
+    match store.allocate(request).await.unwrap() {
+        AllocateOutcome::Allocated {
+            lease_token,
+            lease_expires_at,
+        } => (lease_token, lease_expires_at),
+        other => panic!("expected a lease, got {other:?}"),
+    }
+}
+
+/// Poll `attempt` until it returns `Some`, failing the test after [`DEADLINE`].
+pub async fn eventually<T, F, Fut>(what: &str, mut attempt: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + DEADLINE;
+    let mut pause = Duration::from_millis(10);
+    loop {
+        if let Some(value) = attempt().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "gave up waiting for {what}");
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+}
+
+/// Wait until the wall clock has passed `at` (a lease's or a retention's end).
+async fn until_past(at: u64) {
+    eventually("the clock to pass an expiry", || async {
+        (now_ms() > at).then_some(())
+    })
+    .await
+}
+
+pub async fn allocate_free_key_gives_a_lease(h: &Harness) {
+    let k = key(h, "free");
+    let before = now_ms();
+    let (token, expires) = lease(&*h.store, alloc(&k, None, Duration::from_secs(60))).await;
+    assert!(!token.is_empty());
+    assert!(expires >= before + 60_000, "the lease lasts as asked");
+    assert!(expires <= now_ms() + 60_000);
+}
+
+pub async fn allocate_on_a_live_lease_is_in_flight(h: &Harness) {
+    let k = key(h, "busy");
+    let (_, expires) = lease(&*h.store, alloc(&k, None, LONG)).await;
+    for _ in 0..3 {
+        assert_eq!(
+            h.store.allocate(alloc(&k, None, LONG)).await.unwrap(),
+            AllocateOutcome::InFlight {
+                lease_expires_at: expires
+            }
+        );
+    }
+}
+
+/// While the lease lives: in flight. Once it expired: a new lease with a new token.
+async fn take_over(h: &Harness, k: &str, first_token: &str, fingerprint: Option<&str>) -> String {
+    let new = eventually("the takeover of an expired lease", || async {
+        match h.store.allocate(alloc(k, fingerprint, LONG)).await.unwrap() {
+            AllocateOutcome::InFlight { .. } => None,
+            AllocateOutcome::Allocated { lease_token, .. } => Some(lease_token),
+            other => panic!("expected in flight, then a new lease; got {other:?}"),
+        }
+    })
+    .await;
+    assert_ne!(new, first_token, "a takeover issues a new token");
+    new
+}
+
+pub async fn expired_lease_is_taken_over(h: &Harness) {
+    let k = key(h, "takeover");
+    let (first, _) = lease(&*h.store, alloc(&k, None, SHORT)).await;
+    let second = take_over(h, &k, &first, None).await;
+    // The new holder records with its token.
+    let stored = h
+        .store
+        .record(rec(&k, Some(&second), capture("t"), LONG))
+        .await
+        .unwrap();
+    assert!(matches!(stored, RecordOutcome::Stored { .. }));
+}
+
+pub async fn old_token_is_refused_after_takeover(h: &Harness) {
+    let k = key(h, "stale");
+    let (first, _) = lease(&*h.store, alloc(&k, None, SHORT)).await;
+    let second = take_over(h, &k, &first, None).await;
+    assert_eq!(
+        h.store
+            .record(rec(&k, Some(&first), capture("old"), LONG))
+            .await
+            .unwrap(),
+        RecordOutcome::Forbidden
+    );
+    assert_eq!(
+        h.store.release(rel(&k, Some(&first))).await.unwrap(),
+        ReleaseOutcome::Forbidden
+    );
+    // The new holder is untouched.
+    assert!(matches!(
+        h.store.allocate(alloc(&k, None, LONG)).await.unwrap(),
+        AllocateOutcome::InFlight { .. }
+    ));
+    assert_eq!(
+        h.store.release(rel(&k, Some(&second))).await.unwrap(),
+        ReleaseOutcome::Released
+    );
+}
+
+pub async fn record_then_allocate_replays(h: &Harness) {
+    let k = key(h, "replay");
+    let (token, _) = lease(&*h.store, alloc(&k, None, LONG)).await;
+    let before = now_ms();
+    let outcome = h
+        .store
+        .record(rec(
+            &k,
+            Some(&token),
+            capture("replay"),
+            Duration::from_secs(60),
+        ))
+        .await
+        .unwrap();
+    let RecordOutcome::Stored { expires_at } = outcome else {
+        panic!("expected stored, got {outcome:?}");
+    };
+    assert!(expires_at >= before + 60_000 && expires_at <= now_ms() + 60_000);
+    for _ in 0..2 {
+        assert_eq!(
+            h.store.allocate(alloc(&k, None, LONG)).await.unwrap(),
+            AllocateOutcome::Completed(capture("replay"))
+        );
+    }
+}
+
+pub async fn record_without_token_completes_any_live_allocation(h: &Harness) {
+    let k = key(h, "tokenless");
+    lease(&*h.store, alloc(&k, None, LONG)).await;
+    assert!(matches!(
+        h.store
+            .record(rec(&k, None, capture("old client"), LONG))
+            .await
+            .unwrap(),
+        RecordOutcome::Stored { .. }
+    ));
+    assert_eq!(
+        h.store.allocate(alloc(&k, None, LONG)).await.unwrap(),
+        AllocateOutcome::Completed(capture("old client"))
+    );
+}
+
+pub async fn record_keeps_array_header_values_and_large_bodies(h: &Harness) {
+    let k = key(h, "cookies");
+    let (token, _) = lease(&*h.store, alloc(&k, None, LONG)).await;
+    let capture = Capture {
+        response_status: 200,
+        response_body: "x".repeat(1 << 20),
+        response_headers: vec![
+            Header {
+                key: "Set-Cookie".into(),
+                value: HeaderValue::Many(vec!["a=1; Path=/".into(), "b=2; Path=/".into()]),
+            },
+            Header {
+                key: "X-One".into(),
+                value: HeaderValue::One("1".into()),
+            },
+        ],
+    };
+    let stored = h
+        .store
+        .record(rec(&k, Some(&token), capture.clone(), LONG))
+        .await
+        .unwrap();
+    assert!(matches!(stored, RecordOutcome::Stored { .. }));
+    assert_eq!(
+        h.store.allocate(alloc(&k, None, LONG)).await.unwrap(),
+        AllocateOutcome::Completed(capture)
+    );
+}
+
+pub async fn record_is_forbidden_unless_allocated_and_live(h: &Harness) {
+    // Never allocated.
+    let k = key(h, "never");
+    assert_eq!(
+        h.store
+            .record(rec(&k, None, capture("x"), LONG))
+            .await
+            .unwrap(),
+        RecordOutcome::Forbidden
+    );
+    // Already completed: a second record does not overwrite the first.
+    let k = key(h, "twice");
+    let (token, _) = lease(&*h.store, alloc(&k, None, LONG)).await;
+    h.store
+        .record(rec(&k, Some(&token), capture("first"), LONG))
+        .await
+        .unwrap();
+    for token in [Some(token.as_str()), None] {
+        assert_eq!(
+            h.store
+                .record(rec(&k, token, capture("second"), LONG))
+                .await
+                .unwrap(),
+            RecordOutcome::Forbidden
+        );
+    }
+    assert_eq!(
+        h.store.allocate(alloc(&k, None, LONG)).await.unwrap(),
+        AllocateOutcome::Completed(capture("first"))
+    );
+}
+
+pub async fn record_with_another_token_is_forbidden(h: &Harness) {
+    let k = key(h, "mismatch");
+    let (token, _) = lease(&*h.store, alloc(&k, None, LONG)).await;
+    assert_eq!(
+        h.store
+            .record(rec(&k, Some("not-the-token"), capture("x"), LONG))
+            .await
+            .unwrap(),
+        RecordOutcome::Forbidden
+    );
+    // The holder still can.
+    assert!(matches!(
+        h.store
+            .record(rec(&k, Some(&token), capture("x"), LONG))
+            .await
+            .unwrap(),
+        RecordOutcome::Stored { .. }
+    ));
+}
+
+pub async fn record_after_the_lease_expired_is_forbidden(h: &Harness) {
+    let k = key(h, "late");
+    let (token, expires) = lease(&*h.store, alloc(&k, None, SHORT)).await;
+    until_past(expires).await;
+    // Nobody took the key over; the lease is gone all the same, with or without its token.
+    for token in [Some(token.as_str()), None] {
+        assert_eq!(
+            h.store
+                .record(rec(&k, token, capture("late"), LONG))
+                .await
+                .unwrap(),
+            RecordOutcome::Forbidden
+        );
+    }
+    assert_eq!(
+        h.store.release(rel(&k, Some(&token))).await.unwrap(),
+        ReleaseOutcome::Forbidden
+    );
+    // And the key is free.
+    lease(&*h.store, alloc(&k, None, LONG)).await;
+}
+
+pub async fn release_frees_the_key(h: &Harness) {
+    let k = key(h, "release");
+    let (token, _) = lease(&*h.store, alloc(&k, None, LONG)).await;
+    assert_eq!(
+        h.store.release(rel(&k, Some(&token))).await.unwrap(),
+        ReleaseOutcome::Released
+    );
+    // Released once: a second release, or a record, of that lease is refused.
+    assert_eq!(
+        h.store.release(rel(&k, Some(&token))).await.unwrap(),
+        ReleaseOutcome::Forbidden
+    );
+    assert_eq!(
+        h.store
+            .record(rec(&k, Some(&token), capture("x"), LONG))
+            .await
+            .unwrap(),
+        RecordOutcome::Forbidden
+    );
+    let (again, _) = lease(&*h.store, alloc(&k, None, LONG)).await;
+    assert_ne!(again, token);
+    // Without a token: any live allocation (the record rule).
+    assert_eq!(
+        h.store.release(rel(&k, None)).await.unwrap(),
+        ReleaseOutcome::Released
+    );
+    lease(&*h.store, alloc(&k, None, LONG)).await;
+}
+
+pub async fn release_is_forbidden_unless_held(h: &Harness) {
+    let k = key(h, "unheld");
+    assert_eq!(
+        h.store.release(rel(&k, None)).await.unwrap(),
+        ReleaseOutcome::Forbidden
+    );
+    let (token, _) = lease(&*h.store, alloc(&k, None, LONG)).await;
+    assert_eq!(
+        h.store.release(rel(&k, Some("other"))).await.unwrap(),
+        ReleaseOutcome::Forbidden
+    );
+    h.store
+        .record(rec(&k, Some(&token), capture("done"), LONG))
+        .await
+        .unwrap();
+    for token in [Some(token.as_str()), None] {
+        assert_eq!(
+            h.store.release(rel(&k, token)).await.unwrap(),
+            ReleaseOutcome::Forbidden
+        );
+    }
+    assert_eq!(
+        h.store.allocate(alloc(&k, None, LONG)).await.unwrap(),
+        AllocateOutcome::Completed(capture("done"))
+    );
+}
+
+pub async fn fingerprint_mismatch_while_allocated(h: &Harness) {
+    let k = key(h, "fp-allocated");
+    let (_, expires) = lease(&*h.store, alloc(&k, Some("digest-a"), LONG)).await;
+    assert_eq!(
+        h.store
+            .allocate(alloc(&k, Some("digest-b"), LONG))
+            .await
+            .unwrap(),
+        AllocateOutcome::FingerprintMismatch
+    );
+    assert_eq!(
+        h.store
+            .allocate(alloc(&k, Some("digest-a"), LONG))
+            .await
+            .unwrap(),
+        AllocateOutcome::InFlight {
+            lease_expires_at: expires
+        }
+    );
+}
+
+pub async fn fingerprint_mismatch_when_completed(h: &Harness) {
+    let k = key(h, "fp-completed");
+    let (token, _) = lease(&*h.store, alloc(&k, Some("digest-a"), LONG)).await;
+    h.store
+        .record(rec(&k, Some(&token), capture("fp"), LONG))
+        .await
+        .unwrap();
+    assert_eq!(
+        h.store
+            .allocate(alloc(&k, Some("digest-b"), LONG))
+            .await
+            .unwrap(),
+        AllocateOutcome::FingerprintMismatch
+    );
+    assert_eq!(
+        h.store
+            .allocate(alloc(&k, Some("digest-a"), LONG))
+            .await
+            .unwrap(),
+        AllocateOutcome::Completed(capture("fp"))
+    );
+}
+
+pub async fn fingerprints_compare_only_when_both_present(h: &Harness) {
+    // Stored none: any presented fingerprint is in flight / replayed.
+    let k = key(h, "fp-none");
+    let (token, _) = lease(&*h.store, alloc(&k, None, LONG)).await;
+    assert!(matches!(
+        h.store
+            .allocate(alloc(&k, Some("any"), LONG))
+            .await
+            .unwrap(),
+        AllocateOutcome::InFlight { .. }
+    ));
+    h.store
+        .record(rec(&k, Some(&token), capture("none"), LONG))
+        .await
+        .unwrap();
+    assert_eq!(
+        h.store
+            .allocate(alloc(&k, Some("any"), LONG))
+            .await
+            .unwrap(),
+        AllocateOutcome::Completed(capture("none"))
+    );
+    // Stored one, presented none or empty: no comparison.
+    let k = key(h, "fp-some");
+    lease(&*h.store, alloc(&k, Some("digest"), LONG)).await;
+    for presented in [None, Some("")] {
+        assert!(matches!(
+            h.store.allocate(alloc(&k, presented, LONG)).await.unwrap(),
+            AllocateOutcome::InFlight { .. }
+        ));
+    }
+    // Stored empty is stored none.
+    let k = key(h, "fp-empty");
+    lease(&*h.store, alloc(&k, Some(""), LONG)).await;
+    assert!(matches!(
+        h.store
+            .allocate(alloc(&k, Some("digest"), LONG))
+            .await
+            .unwrap(),
+        AllocateOutcome::InFlight { .. }
+    ));
+}
+
+pub async fn expired_lease_is_taken_over_with_another_fingerprint(h: &Harness) {
+    let k = key(h, "fp-takeover");
+    let (first, expires) = lease(&*h.store, alloc(&k, Some("digest-a"), SHORT)).await;
+    // An expired lease is a free key: no comparison, and the new fingerprint is the one kept.
+    until_past(expires).await;
+    let (second, _) = lease(&*h.store, alloc(&k, Some("digest-b"), LONG)).await;
+    assert_ne!(second, first);
+    assert_eq!(
+        h.store
+            .allocate(alloc(&k, Some("digest-a"), LONG))
+            .await
+            .unwrap(),
+        AllocateOutcome::FingerprintMismatch
+    );
+}
+
+pub async fn completed_capture_expires_after_retention(h: &Harness) {
+    let k = key(h, "retention");
+    let (token, _) = lease(&*h.store, alloc(&k, Some("digest-a"), LONG)).await;
+    let RecordOutcome::Stored { expires_at } = h
+        .store
+        .record(rec(&k, Some(&token), capture("r"), SHORT))
+        .await
+        .unwrap()
+    else {
+        panic!("expected stored");
+    };
+    // Replayed until the retention's end, then free (fingerprint forgotten too).
+    until_past(expires_at).await;
+    lease(&*h.store, alloc(&k, Some("digest-b"), LONG)).await;
+}
+
+pub async fn purge_never_changes_an_answer(h: &Harness) {
+    let k = key(h, "purged");
+    let (token, expires) = lease(&*h.store, alloc(&k, None, SHORT)).await;
+    let done = key(h, "purged-done");
+    let (done_token, _) = lease(&*h.store, alloc(&done, None, LONG)).await;
+    h.store
+        .record(rec(&done, Some(&done_token), capture("kept"), LONG))
+        .await
+        .unwrap();
+    until_past(expires).await;
+    while h.store.purge_expired(1000).await.unwrap() >= 1000 {}
+    assert_eq!(
+        h.store
+            .record(rec(&k, Some(&token), capture("x"), LONG))
+            .await
+            .unwrap(),
+        RecordOutcome::Forbidden
+    );
+    lease(&*h.store, alloc(&k, None, LONG)).await;
+    // A live entry survives the purge.
+    assert_eq!(
+        h.store.allocate(alloc(&done, None, LONG)).await.unwrap(),
+        AllocateOutcome::Completed(capture("kept"))
+    );
+}
+
+pub async fn keys_are_independent(h: &Harness) {
+    let a = key(h, "indep-a");
+    let b = key(h, "indep-b");
+    let (token, _) = lease(&*h.store, alloc(&a, Some("x"), LONG)).await;
+    lease(&*h.store, alloc(&b, Some("y"), LONG)).await;
+    h.store
+        .record(rec(&a, Some(&token), capture("a"), LONG))
+        .await
+        .unwrap();
+    assert!(matches!(
+        h.store.allocate(alloc(&b, Some("y"), LONG)).await.unwrap(),
+        AllocateOutcome::InFlight { .. }
+    ));
+    assert_eq!(
+        h.store
+            .record(rec(&b, Some(&token), capture("b"), LONG))
+            .await
+            .unwrap(),
+        RecordOutcome::Forbidden
+    );
+}
+
+/// Run `per_key` allocations of each key, all at once; returns how many leases each key gave.
+async fn race(store: &Arc<dyn Store>, keys: &[String], per_key: usize) -> HashMap<String, usize> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for k in keys {
+        for _ in 0..per_key {
+            let store = store.clone();
+            let k = k.clone();
+            tasks.spawn(async move {
+                let outcome = store.allocate(alloc(&k, None, LONG)).await.unwrap();
+                (k, outcome)
+            });
+        }
+    }
+    let mut leases: HashMap<String, usize> = keys.iter().map(|k| (k.clone(), 0)).collect();
+    while let Some(joined) = tasks.join_next().await {
+        let (k, outcome) = joined.unwrap();
+        match outcome {
+            AllocateOutcome::Allocated { .. } => *leases.get_mut(&k).unwrap() += 1,
+            AllocateOutcome::InFlight { .. } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    leases
+}
+
+pub async fn concurrent_allocations_of_one_key_give_one_lease(h: &Harness) {
+    let k = key(h, "race-one");
+    let leases = race(&h.store, std::slice::from_ref(&k), 64).await;
+    assert_eq!(
+        leases[&k], 1,
+        "64 concurrent allocations, exactly one lease"
+    );
+}
+
+pub async fn concurrent_allocations_over_a_thousand_keys(h: &Harness) {
+    let keys: Vec<String> = (0..1000).map(|i| key(h, &format!("race-{i}"))).collect();
+    let leases = race(&h.store, &keys, 4).await;
+    let wrong: Vec<_> = leases.iter().filter(|(_, n)| **n != 1).collect();
+    assert!(
+        wrong.is_empty(),
+        "keys without exactly one lease: {wrong:?}"
+    );
+}
+
+pub async fn concurrent_takeovers_give_one_lease(h: &Harness) {
+    let k = key(h, "race-takeover");
+    let (_, expires) = lease(&*h.store, alloc(&k, None, SHORT)).await;
+    until_past(expires).await;
+    let leases = race(&h.store, std::slice::from_ref(&k), 32).await;
+    assert_eq!(leases[&k], 1, "one takeover of an expired lease");
+}
+
+pub async fn concurrent_records_store_once(h: &Harness) {
+    let k = key(h, "race-record");
+    let (token, _) = lease(&*h.store, alloc(&k, None, LONG)).await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..16 {
+        let store = h.store.clone();
+        let (k, token) = (k.clone(), token.clone());
+        tasks.spawn(async move {
+            let token = (i % 2 == 0).then_some(token);
+            let outcome = store
+                .record(rec(&k, token.as_deref(), capture(&format!("r{i}")), LONG))
+                .await
+                .unwrap();
+            (i, outcome)
+        });
+    }
+    let mut winners = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        let (i, outcome) = joined.unwrap();
+        if matches!(outcome, RecordOutcome::Stored { .. }) {
+            winners.push(i);
+        }
+    }
+    assert_eq!(winners.len(), 1, "exactly one record wins: {winners:?}");
+    assert_eq!(
+        h.store.allocate(alloc(&k, None, LONG)).await.unwrap(),
+        AllocateOutcome::Completed(capture(&format!("r{}", winners[0])))
+    );
+}
+
+pub async fn ready_answers(h: &Harness) {
+    h.store.ready().await.expect("a fresh store is ready");
+}

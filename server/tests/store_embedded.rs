@@ -1,0 +1,212 @@
+//! The embedded store: the conformance suite, plus what only it has (reopening a data dir, the
+//! dir lock, group commit's bookkeeping, the purge reclaiming space).
+
+#[macro_use]
+mod conformance;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use idempotency_server::store::embedded::{DB_FILE, OpenError};
+use idempotency_server::store::{
+    Allocate, AllocateOutcome, Record, RecordOutcome, Store, StoreError, now_ms,
+};
+use idempotency_server::{EmbeddedOptions, EmbeddedStore};
+
+async fn open_in(dir: &std::path::Path) -> Result<EmbeddedStore, OpenError> {
+    let options = EmbeddedOptions::new(dir);
+    tokio::task::spawn_blocking(move || EmbeddedStore::open(options))
+        .await
+        .unwrap()
+}
+
+async fn embedded() -> conformance::Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_in(dir.path()).await.unwrap();
+    conformance::Harness::new(Arc::new(store), dir)
+}
+
+conformance_suite!(embedded);
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+fn alloc(key: &str, lease: Duration) -> Allocate {
+    Allocate {
+        key: key.into(),
+        fingerprint: None,
+        lease,
+    }
+}
+
+fn rec(key: &str, token: &str, retention: Duration) -> Record {
+    Record {
+        key: key.into(),
+        lease_token: Some(token.into()),
+        capture: conformance::capture(key),
+        retention,
+    }
+}
+
+async fn lease(store: &EmbeddedStore, key: &str, lease: Duration) -> String {
+    match store.allocate(alloc(key, lease)).await.unwrap() {
+        AllocateOutcome::Allocated { lease_token, .. } => lease_token,
+        other => panic!("expected a lease, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn everything_acknowledged_survives_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_in(dir.path()).await.unwrap();
+    let token = lease(&store, "done", HOUR).await;
+    store.record(rec("done", &token, HOUR)).await.unwrap();
+    lease(&store, "held", HOUR).await;
+    store.shutdown().await.unwrap();
+
+    let store = open_in(dir.path()).await.unwrap();
+    assert_eq!(
+        store.allocate(alloc("done", HOUR)).await.unwrap(),
+        AllocateOutcome::Completed(conformance::capture("done"))
+    );
+    assert!(matches!(
+        store.allocate(alloc("held", HOUR)).await.unwrap(),
+        AllocateOutcome::InFlight { .. }
+    ));
+    store.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn one_store_per_data_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_in(dir.path()).await.unwrap();
+    let Err(error) = open_in(dir.path()).await else {
+        panic!("a second store opened the same data dir");
+    };
+    let line = error.to_string();
+    assert!(matches!(error, OpenError::Locked { .. }), "{line}");
+    assert!(line.contains(&dir.path().display().to_string()), "{line}");
+    assert!(
+        line.contains(&format!("pid {}", std::process::id())),
+        "{line}"
+    );
+    // Closing the first releases the dir.
+    store.shutdown().await.unwrap();
+    open_in(dir.path()).await.unwrap().shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn after_shutdown_operations_fail_and_shutdown_is_idempotent() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_in(dir.path()).await.unwrap();
+    store.shutdown().await.unwrap();
+    store.shutdown().await.unwrap();
+    assert!(matches!(
+        store.allocate(alloc("k", HOUR)).await,
+        Err(StoreError::Closed)
+    ));
+    assert!(matches!(store.ready().await, Err(StoreError::Closed)));
+}
+
+#[tokio::test]
+async fn answers_that_change_nothing_pay_no_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_in(dir.path()).await.unwrap();
+    let token = lease(&store, "k", HOUR).await;
+    store.record(rec("k", &token, HOUR)).await.unwrap();
+    let before = store.stats();
+    for _ in 0..20 {
+        // Replays, refused records, readiness, an empty purge: all read-only.
+        store.allocate(alloc("k", HOUR)).await.unwrap();
+        assert_eq!(
+            store.record(rec("k", &token, HOUR)).await.unwrap(),
+            RecordOutcome::Forbidden
+        );
+        store.ready().await.unwrap();
+        store.purge_expired(100).await.unwrap();
+    }
+    let after = store.stats();
+    assert_eq!(after.commits, before.commits);
+    assert_eq!(after.operations, before.operations + 40);
+    store.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_operations_share_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(open_in(dir.path()).await.unwrap());
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..500 {
+        let store = store.clone();
+        tasks.spawn(async move { store.allocate(alloc(&format!("k{i}"), HOUR)).await });
+    }
+    while let Some(joined) = tasks.join_next().await {
+        assert!(matches!(
+            joined.unwrap().unwrap(),
+            AllocateOutcome::Allocated { .. }
+        ));
+    }
+    let stats = store.stats();
+    // Every operation is accounted for and no batch commits twice. (How many batches form
+    // depends on the scheduler; the benchmark measures it.)
+    assert_eq!(stats.operations, 500);
+    assert!(stats.commits <= stats.batches && stats.commits >= 1);
+    store.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_purge_deletes_expired_entries_and_the_file_stops_growing() {
+    const ROUNDS: usize = 10;
+    const PER_ROUND: usize = 250;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(open_in(dir.path()).await.unwrap());
+    let body = "b".repeat(4 << 10);
+    let mut sizes = Vec::new();
+    for round in 0..ROUNDS {
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..PER_ROUND {
+            let store = store.clone();
+            let body = body.clone();
+            tasks.spawn(async move {
+                let key = format!("r{round}-{i}");
+                let AllocateOutcome::Allocated { lease_token, .. } =
+                    store.allocate(alloc(&key, HOUR)).await.unwrap()
+                else {
+                    panic!("expected a lease");
+                };
+                let mut record = rec(&key, &lease_token, Duration::from_millis(1));
+                record.capture.response_body = body;
+                store.record(record).await.unwrap();
+            });
+        }
+        while let Some(joined) = tasks.join_next().await {
+            joined.unwrap();
+        }
+        // Every capture of this round has expired (1 ms retention) once the clock moves on.
+        let recorded_by = now_ms();
+        conformance::eventually("the retention to pass", || async {
+            (now_ms() > recorded_by).then_some(())
+        })
+        .await;
+        let mut purged = 0;
+        loop {
+            let n = store.purge_expired(200).await.unwrap();
+            purged += n;
+            if n < 200 {
+                break;
+            }
+        }
+        assert_eq!(purged, PER_ROUND, "round {round}");
+        sizes.push(std::fs::metadata(dir.path().join(DB_FILE)).unwrap().len());
+    }
+    assert_eq!(store.stats().purged, (ROUNDS * PER_ROUND) as u64);
+    // Freed pages are reused: the file follows what is live at once (one round, 1 MiB), not
+    // the total written (10 rounds, 10 MiB). Its size wanders with how the batches fell, so
+    // compare the later rounds with the highest of the first ones.
+    let early = *sizes[..ROUNDS / 2].iter().max().unwrap();
+    let late = *sizes[ROUNDS / 2..].iter().max().unwrap();
+    assert!(
+        late <= early + early / 2,
+        "the file kept growing: {sizes:?}"
+    );
+    store.shutdown().await.unwrap();
+}
