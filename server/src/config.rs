@@ -2,6 +2,9 @@
 //!
 //! Every setting has a flag and an environment variable; a flag wins over the variable, which
 //! wins over the default. `RUST_LOG` (the log filter) is read by the logging setup, not here.
+//!
+//! The store: `--store` (`STORE`) when given; otherwise `mongodb` when `MONGODB_URI` is set (and
+//! not empty), as the old server did, else `embedded` (see [`Config::store_kind`]).
 //! An invalid configuration is reported as ONE line (see [`ConfigError`]) and the binary exits
 //! with status 2, so that a supervisor's log shows the cause and not a usage screen.
 
@@ -9,13 +12,29 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 
 /// Which store keeps the captures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum StoreKind {
     /// A redb file in `--data-dir`, written with group commit (one process per data dir).
     Embedded,
+    /// Redis or Redis Cluster (`--redis-url` or `--redis-cluster-urls`), shared by any number of
+    /// server processes.
+    Redis,
+    /// MongoDB (`--mongodb-uri`), shared by any number of server processes.
+    Mongodb,
+}
+
+impl StoreKind {
+    /// The name used by `--store`, logs and `/-/ready`.
+    pub fn name(self) -> &'static str {
+        match self {
+            StoreKind::Embedded => "embedded",
+            StoreKind::Redis => "redis",
+            StoreKind::Mongodb => "mongodb",
+        }
+    }
 }
 
 /// How log lines are written to stderr.
@@ -46,9 +65,64 @@ pub struct Config {
     #[arg(long, env = "DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
 
-    /// The store that keeps the captures.
-    #[arg(long, env = "STORE", value_enum, default_value_t = StoreKind::Embedded)]
-    pub store: StoreKind,
+    /// The store that keeps the captures. When not given: mongodb if MONGODB_URI is set, else
+    /// embedded.
+    #[arg(long, env = "STORE", value_enum)]
+    pub store: Option<StoreKind>,
+
+    /// How long one call to a shared store (Redis, MongoDB) may take, connecting included,
+    /// before the request is answered 503.
+    #[arg(long, env = "STORE_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    pub store_timeout: Duration,
+
+    /// How long the server keeps trying to reach a shared store at start (and to prepare it:
+    /// Redis's scripts, MongoDB's indexes) before it gives up and exits with status 1.
+    #[arg(long, env = "STORE_START_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub store_start_timeout: Duration,
+
+    /// The Redis server (`redis://[user:password@]host:port/db`, or `unix:///path`).
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+
+    /// Redis Cluster: some of its nodes, comma-separated (`redis://10.0.0.1:6379,redis://10.0.0.2:6379`);
+    /// the others are discovered.
+    #[arg(
+        long,
+        env = "REDIS_CLUSTER_URLS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub redis_cluster_urls: Vec<String>,
+
+    /// Prepended to every key the server writes in Redis.
+    #[arg(long, env = "REDIS_KEY_PREFIX", default_value = "idempotency:")]
+    pub redis_key_prefix: String,
+
+    /// After each write, wait until this many replicas have it (Redis WAIT); 0: do not wait.
+    #[arg(long, env = "REDIS_WAIT_REPLICAS", default_value_t = 0)]
+    pub redis_wait_replicas: u32,
+
+    /// How long a write waits for --redis-wait-replicas before it is answered 503.
+    #[arg(long, env = "REDIS_WAIT_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    pub redis_wait_timeout: Duration,
+
+    /// The MongoDB deployment (`mongodb://...` or `mongodb+srv://...`). When set, and --store is
+    /// not, the store is mongodb.
+    #[arg(long, env = "MONGODB_URI", hide_env_values = true)]
+    pub mongodb_uri: Option<String>,
+
+    /// The MongoDB database.
+    #[arg(long, env = "MONGODB_DATABASE", default_value = "idempotent-requests")]
+    pub mongodb_database: String,
+
+    /// The MongoDB collection, one document per key.
+    #[arg(long, env = "MONGODB_COLLECTION", default_value = "captures")]
+    pub mongodb_collection: String,
+
+    /// How long a write waits for a majority of the replica set before it is answered 503
+    /// (the write concern's wtimeout).
+    #[arg(long, env = "MONGODB_WRITE_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    pub mongodb_write_timeout: Duration,
 
     /// How long a recorded response is replayed; the key is free afterwards ("24h", "90m", "1s").
     #[arg(long, env = "RETENTION", default_value = "24h", value_parser = parse_duration)]
@@ -91,7 +165,18 @@ impl Config {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             data_dir: data_dir.into(),
-            store: StoreKind::Embedded,
+            store: None,
+            store_timeout: Duration::from_secs(2),
+            store_start_timeout: Duration::from_secs(30),
+            redis_url: None,
+            redis_cluster_urls: Vec::new(),
+            redis_key_prefix: "idempotency:".into(),
+            redis_wait_replicas: 0,
+            redis_wait_timeout: Duration::from_secs(1),
+            mongodb_uri: None,
+            mongodb_database: "idempotent-requests".into(),
+            mongodb_collection: "captures".into(),
+            mongodb_write_timeout: Duration::from_secs(1),
             retention: Duration::from_secs(24 * 3600),
             default_lease: Duration::from_secs(60),
             max_lease: Duration::from_secs(24 * 3600),
@@ -107,14 +192,35 @@ impl Config {
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString> + Clone,
     {
-        let config = Config::try_parse_from(args).map_err(|e| match e.kind() {
+        Config::parse_with(Config::command(), args)
+    }
+
+    fn parse_with<I, T>(command: clap::Command, args: I) -> Result<Config, ConfigError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let invalid = |e: clap::Error| match e.kind() {
             clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
                 ConfigError::Display(e)
             }
             _ => ConfigError::Invalid(one_line(&e)),
-        })?;
+        };
+        let matches = command.try_get_matches_from(args).map_err(invalid)?;
+        let config = Config::from_arg_matches(&matches).map_err(invalid)?;
         config.validate().map_err(ConfigError::Invalid)?;
         Ok(config)
+    }
+
+    /// The store to open: `--store` when given, else mongodb when `MONGODB_URI` is set (not
+    /// empty), else embedded.
+    pub fn store_kind(&self) -> StoreKind {
+        self.store
+            .unwrap_or(if non_empty(&self.mongodb_uri).is_some() {
+                StoreKind::Mongodb
+            } else {
+                StoreKind::Embedded
+            })
     }
 
     /// The rules between fields that clap cannot check one value at a time.
@@ -140,7 +246,125 @@ impl Config {
         {
             return Err("--api-token (API_TOKEN) must be non-empty, without spaces".into());
         }
+        match self.store_kind() {
+            StoreKind::Embedded => {}
+            StoreKind::Redis => self.validate_redis()?,
+            StoreKind::Mongodb => self.validate_mongodb()?,
+        }
         Ok(())
+    }
+
+    fn validate_shared(&self) -> Result<(), String> {
+        if self.store_timeout < Duration::from_millis(1) {
+            return Err("--store-timeout must be at least 1ms".into());
+        }
+        Ok(())
+    }
+
+    fn validate_redis(&self) -> Result<(), String> {
+        self.validate_shared()?;
+        let cluster: Vec<&str> = self
+            .redis_cluster_urls
+            .iter()
+            .map(|u| u.trim())
+            .filter(|u| !u.is_empty())
+            .collect();
+        let urls: Vec<&str> = match (non_empty(&self.redis_url), cluster.is_empty()) {
+            (None, true) => {
+                return Err(
+                    "--store redis needs --redis-url (REDIS_URL) or --redis-cluster-urls \
+                     (REDIS_CLUSTER_URLS)"
+                        .into(),
+                );
+            }
+            (Some(_), false) => {
+                return Err(
+                    "--redis-url (REDIS_URL) and --redis-cluster-urls (REDIS_CLUSTER_URLS) \
+                     exclude each other: give one"
+                        .into(),
+                );
+            }
+            (Some(url), true) => vec![url],
+            (None, false) => cluster,
+        };
+        for url in urls {
+            let scheme = url.split_once("://").map(|(s, _)| s);
+            match scheme {
+                Some("redis" | "unix" | "redis+unix") => {}
+                Some("rediss") => {
+                    return Err(
+                        "rediss:// (TLS) is not supported by this build; use redis:// (through a \
+                         TLS tunnel or proxy if the network needs one)"
+                            .into(),
+                    );
+                }
+                _ => {
+                    return Err(format!(
+                        "a Redis URL starts with redis:// or unix:// (got {})",
+                        redact_url(url)
+                    ));
+                }
+            }
+        }
+        if self.redis_key_prefix.is_empty() {
+            return Err("--redis-key-prefix (REDIS_KEY_PREFIX) must not be empty".into());
+        }
+        if self.redis_wait_replicas > 0 && self.redis_wait_timeout < Duration::from_millis(1) {
+            return Err("--redis-wait-timeout must be at least 1ms".into());
+        }
+        Ok(())
+    }
+
+    fn validate_mongodb(&self) -> Result<(), String> {
+        self.validate_shared()?;
+        let Some(uri) = non_empty(&self.mongodb_uri) else {
+            return Err("--store mongodb needs --mongodb-uri (MONGODB_URI)".into());
+        };
+        if !(uri.starts_with("mongodb://") || uri.starts_with("mongodb+srv://")) {
+            return Err(format!(
+                "--mongodb-uri (MONGODB_URI) starts with mongodb:// or mongodb+srv:// (got {})",
+                redact_url(uri)
+            ));
+        }
+        if self.mongodb_database.is_empty() || self.mongodb_collection.is_empty() {
+            return Err("--mongodb-database and --mongodb-collection must not be empty".into());
+        }
+        if self.mongodb_write_timeout < Duration::from_millis(1) {
+            return Err("--mongodb-write-timeout must be at least 1ms".into());
+        }
+        // A document holds the whole capture and MongoDB refuses documents over 16 MiB.
+        if self.body_limit > MONGODB_MAX_BODY {
+            return Err(format!(
+                "--body-limit must be at most 15MiB with --store mongodb (a MongoDB document \
+                 is at most 16 MiB and holds the whole response), got {}",
+                self.body_limit
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The largest `--body-limit` the MongoDB store accepts: a document holds the capture, and a
+/// BSON document is at most 16 MiB.
+pub const MONGODB_MAX_BODY: usize = 15 << 20;
+
+/// The value when it is set and not empty: an empty variable counts as unset.
+fn non_empty(value: &Option<String>) -> Option<&str> {
+    value.as_deref().map(str::trim).filter(|v| !v.is_empty())
+}
+
+/// A URL for a message: without the password it may carry (`redis://user:***@host`).
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((credentials, host)) => {
+            let user = credentials.split_once(':').map_or(credentials, |(u, _)| u);
+            format!("{scheme}://{user}:***@{host}{path}")
+        }
+        None => url.to_owned(),
     }
 }
 
@@ -190,8 +414,14 @@ fn parse_byte_size(s: &str) -> Result<usize, String> {
 mod tests {
     use super::*;
 
+    /// Parse flags only: the machine's environment (a MONGODB_URI set to run the MongoDB
+    /// suite, say) must not change what these tests see.
     fn parse(args: &[&str]) -> Result<Config, ConfigError> {
-        Config::from_args(std::iter::once("idempotency-server").chain(args.iter().copied()))
+        let command = Config::command().mut_args(|arg| arg.env(None));
+        Config::parse_with(
+            command,
+            std::iter::once("idempotency-server").chain(args.iter().copied()),
+        )
     }
 
     fn invalid(args: &[&str]) -> String {
@@ -243,6 +473,28 @@ mod tests {
             &["--default-lease", "25h"],
             &["--default-lease", "0s"],
             &["--api-token", ""],
+            &["--store", "redis"],
+            &["--store", "redis", "--redis-url", "http://x"],
+            &["--store", "redis", "--redis-url", "rediss://x"],
+            &[
+                "--store",
+                "redis",
+                "--redis-url",
+                "redis://a",
+                "--redis-cluster-urls",
+                "redis://b",
+            ],
+            &["--store", "mongodb"],
+            &["--store", "mongodb", "--mongodb-uri", "postgres://x"],
+            &["--mongodb-uri", "mongodb://x", "--body-limit", "16MiB"],
+            &[
+                "--store-timeout",
+                "0s",
+                "--store",
+                "redis",
+                "--redis-url",
+                "redis://x",
+            ],
         ] {
             let line = invalid(args);
             assert!(
@@ -251,6 +503,76 @@ mod tests {
             );
         }
         assert!(invalid(&["--default-lease", "25h"]).contains("--max-lease"));
+    }
+
+    #[test]
+    fn the_store_is_the_flag_else_mongodb_when_a_uri_is_set_else_embedded() {
+        let kind = |args: &[&str]| parse(args).unwrap().store_kind();
+        assert_eq!(kind(&[]), StoreKind::Embedded);
+        assert_eq!(kind(&["--mongodb-uri", "mongodb://db"]), StoreKind::Mongodb);
+        // An explicit --store wins over the URI.
+        assert_eq!(
+            kind(&["--mongodb-uri", "mongodb://db", "--store", "embedded"]),
+            StoreKind::Embedded
+        );
+        assert_eq!(
+            kind(&[
+                "--mongodb-uri",
+                "mongodb://db",
+                "--store",
+                "redis",
+                "--redis-url",
+                "redis://r"
+            ]),
+            StoreKind::Redis
+        );
+        // An empty URI is no URI.
+        assert_eq!(kind(&["--mongodb-uri", ""]), StoreKind::Embedded);
+        assert!(invalid(&["--store", "mongodb"]).contains("MONGODB_URI"));
+        assert!(invalid(&["--store", "redis"]).contains("REDIS_URL"));
+    }
+
+    #[test]
+    fn redis_and_mongodb_settings_parse() {
+        let c = parse(&[
+            "--store",
+            "redis",
+            "--redis-cluster-urls",
+            "redis://a:1,redis://b:2",
+            "--redis-wait-replicas",
+            "1",
+            "--redis-wait-timeout",
+            "250ms",
+            "--store-timeout",
+            "3s",
+        ])
+        .unwrap();
+        assert_eq!(c.redis_cluster_urls, ["redis://a:1", "redis://b:2"]);
+        assert_eq!(c.redis_wait_replicas, 1);
+        assert_eq!(c.redis_wait_timeout, Duration::from_millis(250));
+        assert_eq!(c.store_timeout, Duration::from_secs(3));
+        let c = parse(&["--mongodb-uri", "mongodb+srv://u:p@cluster.example"]).unwrap();
+        assert_eq!(c.mongodb_database, "idempotent-requests");
+        assert_eq!(c.mongodb_collection, "captures");
+        assert_eq!(c.mongodb_write_timeout, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn urls_in_messages_hide_their_password() {
+        assert_eq!(
+            redact_url("mongodb://root:password123@localhost:27017/db"),
+            "mongodb://root:***@localhost:27017/db"
+        );
+        assert_eq!(
+            redact_url("redis://:s3cret@10.0.0.1:6379/0"),
+            "redis://:***@10.0.0.1:6379/0"
+        );
+        assert_eq!(
+            redact_url("redis://10.0.0.1:6379/0"),
+            "redis://10.0.0.1:6379/0"
+        );
+        let line = invalid(&["--store", "mongodb", "--mongodb-uri", "http://u:pw@h"]);
+        assert!(!line.contains("pw"), "{line}");
     }
 
     #[test]

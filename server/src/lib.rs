@@ -3,7 +3,8 @@
 //! The filter *allocates* an `Idempotency-Key` before a request reaches the upstream and
 //! *records* the upstream's response after it; a retry gets that response replayed, a
 //! concurrent duplicate 409, the same key with another payload 422. This crate serves that API
-//! (`spec/openapi.yaml`) over one [`Store`] trait, with an embedded, durable store by default.
+//! (`spec/openapi.yaml`) over one [`Store`] trait, with an embedded, durable store by default,
+//! and Redis and MongoDB for several server processes sharing their keys ([`open_store`]).
 //!
 //! # Modules, one concept each
 //!
@@ -14,6 +15,8 @@
 //! | [`error`] | the one error type, rendered as RFC 9457 problem+json with the old `error` member |
 //! | [`store`] | the [`Store`] trait, the outcomes, and the pure per-key state machine |
 //! | [`store::embedded`] | redb in the data dir, one writer thread with group commit, the dir lock |
+//! | [`store::redis`] | Redis or Redis Cluster: one hash per key, one Lua script per operation |
+//! | [`store::mongodb`] | MongoDB: one document per key, one atomic command per operation |
 //! | [`wait`] | `wait_ms`: per-key notifications in this process plus polling with backoff |
 //! | [`purge`] | the background task deleting expired entries |
 //! | [`shutdown`] | the signals, and the order of a graceful shutdown |
@@ -63,6 +66,8 @@ use tokio::sync::watch;
 pub use config::{Config, StoreKind};
 pub use store::Store;
 pub use store::embedded::{EmbeddedOptions, EmbeddedStore};
+pub use store::mongodb::{MongoOptions, MongoStore};
+pub use store::redis::{RedisOptions, RedisStore, RedisTarget};
 
 /// The binary's whole life: open the store (taking the data dir's lock), listen on
 /// `config.listen`, serve until SIGINT or SIGTERM, shut down gracefully.
@@ -80,9 +85,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     serve_with_store(config, store, listener, shutdown::signal()).await
 }
 
-/// Open the store `config.store` names.
+/// Open the store the configuration names ([`Config::store_kind`]).
 pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
-    match config.store {
+    match config.store_kind() {
         StoreKind::Embedded => {
             let options = EmbeddedOptions::new(&config.data_dir);
             let store = tokio::task::spawn_blocking(move || EmbeddedStore::open(options))
@@ -90,6 +95,57 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
                 .context("opening the embedded store")??;
             Ok(Arc::new(store))
         }
+        StoreKind::Redis => Ok(Arc::new(RedisStore::open(redis_options(config)).await?)),
+        StoreKind::Mongodb => Ok(Arc::new(MongoStore::open(mongo_options(config)).await?)),
+    }
+}
+
+/// The Redis store's options from the configuration.
+pub fn redis_options(config: &Config) -> RedisOptions {
+    let cluster: Vec<String> = config
+        .redis_cluster_urls
+        .iter()
+        .map(|u| u.trim().to_owned())
+        .filter(|u| !u.is_empty())
+        .collect();
+    let target = if cluster.is_empty() {
+        RedisTarget::Single(
+            config
+                .redis_url
+                .clone()
+                .unwrap_or_default()
+                .trim()
+                .to_owned(),
+        )
+    } else {
+        RedisTarget::Cluster(cluster)
+    };
+    RedisOptions {
+        target,
+        key_prefix: config.redis_key_prefix.clone(),
+        timeout: config.store_timeout,
+        start_timeout: config.store_start_timeout,
+        wait_replicas: config.redis_wait_replicas,
+        wait_timeout: config.redis_wait_timeout,
+    }
+}
+
+/// The MongoDB store's options from the configuration.
+pub fn mongo_options(config: &Config) -> MongoOptions {
+    MongoOptions {
+        uri: config
+            .mongodb_uri
+            .clone()
+            .unwrap_or_default()
+            .trim()
+            .to_owned(),
+        database: config.mongodb_database.clone(),
+        collection: config.mongodb_collection.clone(),
+        write_timeout: config.mongodb_write_timeout,
+        timeout: config.store_timeout,
+        start_timeout: config.store_start_timeout,
+        default_lease: config.default_lease,
+        retention: config.retention,
     }
 }
 

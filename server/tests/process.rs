@@ -116,6 +116,18 @@ async fn an_invalid_configuration_is_one_line_and_exit_status_2() {
             vec![("RUST_LOG", "idempotency_server=loudest")],
             "RUST_LOG",
         ),
+        (vec!["--store", "redis"], vec![], "REDIS_URL"),
+        (vec![], vec![("STORE", "mongodb")], "MONGODB_URI"),
+        (
+            vec!["--store", "redis", "--redis-url", "rediss://cache:6380"],
+            vec![],
+            "rediss://",
+        ),
+        (
+            vec![],
+            vec![("MONGODB_URI", "mongodb://db"), ("BODY_LIMIT", "64MiB")],
+            "--body-limit",
+        ),
     ];
     for (args, env, mentions) in cases {
         let mut all = vec!["--data-dir", data_dir, "--listen", "127.0.0.1:0"];

@@ -1,6 +1,7 @@
 //! The embedded store: the conformance suite, plus what only it has (reopening a data dir, the
 //! dir lock, group commit's bookkeeping, the purge reclaiming space).
 
+mod common;
 #[macro_use]
 mod conformance;
 
@@ -183,7 +184,7 @@ async fn the_purge_deletes_expired_entries_and_the_file_stops_growing() {
         }
         // Every capture of this round has expired (1 ms retention) once the clock moves on.
         let recorded_by = now_ms();
-        conformance::eventually("the retention to pass", || async {
+        common::eventually("the retention to pass", || async {
             (now_ms() > recorded_by).then_some(())
         })
         .await;

@@ -413,74 +413,35 @@ impl Writer {
         let mut changed = false;
         let mut rest = batch.into_iter();
         let applied: Result<(), redb::Error> = (|| {
-            let mut captures = txn.open_table(CAPTURES)?;
-            let mut expiry = txn.open_table(EXPIRY)?;
+            let mut tables = Tables {
+                captures: txn.open_table(CAPTURES)?,
+                expiry: txn.open_table(EXPIRY)?,
+                counters: &self.counters,
+            };
             let now = now_ms();
             for command in rest.by_ref() {
                 match command {
                     Command::Allocate(request, reply) => {
-                        let result = match read(&captures, &request.key)? {
-                            Ok(current) => {
-                                let (outcome, change) = super::allocate(
-                                    current.as_ref(),
-                                    &request,
-                                    now,
-                                    super::new_lease_token,
-                                );
-                                changed |= write(
-                                    &mut captures,
-                                    &mut expiry,
-                                    &request.key,
-                                    current.as_ref(),
-                                    change,
-                                )?;
-                                Ok(outcome)
-                            }
-                            Err(e) => Err(e),
-                        };
-                        self.counters.operations.fetch_add(1, Ordering::Relaxed);
-                        pending.push(answer(reply, result));
+                        changed |=
+                            operate(&mut tables, &request.key, reply, &mut pending, |current| {
+                                super::allocate(current, &request, now, super::new_lease_token)
+                            })?;
                     }
                     Command::Record(request, reply) => {
-                        let result = match read(&captures, &request.key)? {
-                            Ok(current) => {
-                                let (outcome, change) =
-                                    super::record(current.as_ref(), &request, now);
-                                changed |= write(
-                                    &mut captures,
-                                    &mut expiry,
-                                    &request.key,
-                                    current.as_ref(),
-                                    change,
-                                )?;
-                                Ok(outcome)
-                            }
-                            Err(e) => Err(e),
-                        };
-                        self.counters.operations.fetch_add(1, Ordering::Relaxed);
-                        pending.push(answer(reply, result));
+                        changed |=
+                            operate(&mut tables, &request.key, reply, &mut pending, |current| {
+                                super::record(current, &request, now)
+                            })?;
                     }
                     Command::Release(request, reply) => {
-                        let result = match read(&captures, &request.key)? {
-                            Ok(current) => {
-                                let (outcome, change) =
-                                    super::release(current.as_ref(), &request, now);
-                                changed |= write(
-                                    &mut captures,
-                                    &mut expiry,
-                                    &request.key,
-                                    current.as_ref(),
-                                    change,
-                                )?;
-                                Ok(outcome)
-                            }
-                            Err(e) => Err(e),
-                        };
-                        self.counters.operations.fetch_add(1, Ordering::Relaxed);
-                        pending.push(answer(reply, result));
+                        changed |=
+                            operate(&mut tables, &request.key, reply, &mut pending, |current| {
+                                super::release(current, &request, now)
+                            })?;
                     }
                     Command::Purge(limit, reply) => {
-                        let (rows, purged) = purge(&mut captures, &mut expiry, now, limit)?;
+                        let (rows, purged) =
+                            purge(&mut tables.captures, &mut tables.expiry, now, limit)?;
                         changed |= rows > 0;
                         self.counters
                             .purged
@@ -490,7 +451,7 @@ impl Writer {
                     Command::Ping(reply) => {
                         // A read through the write path: the writer is alive and the table
                         // answers.
-                        captures.first()?;
+                        tables.captures.first()?;
                         pending.push(answer(reply, Ok(())));
                     }
                     Command::Shutdown(reply) => {
@@ -533,6 +494,45 @@ impl Writer {
         }
         shutdown.map(|reply| (reply, error.map_or(Ok(()), Err)))
     }
+}
+
+/// The tables of one write transaction, and the counters its operations add to.
+struct Tables<'t> {
+    captures: Table<'t, &'static str, &'static [u8]>,
+    expiry: Table<'t, (u64, &'static str), ()>,
+    counters: &'t Counters,
+}
+
+/// One allocation, record or release, the same for the three: read the key's entry, run the
+/// state machine `step` on it, write the change (keeping the expiry index in step), count the
+/// operation, and queue the answer for when the commit's fate is known. Returns whether
+/// anything was written. An entry that cannot be decoded fails this operation only; a database
+/// error aborts the batch.
+fn operate<T: Send + 'static>(
+    tables: &mut Tables<'_>,
+    key: &str,
+    reply: Reply<T>,
+    pending: &mut Vec<Pending>,
+    step: impl FnOnce(Option<&Entry>) -> (T, Change),
+) -> Result<bool, redb::Error> {
+    let mut changed = false;
+    let result = match read(&tables.captures, key)? {
+        Ok(current) => {
+            let (outcome, change) = step(current.as_ref());
+            changed = write(
+                &mut tables.captures,
+                &mut tables.expiry,
+                key,
+                current.as_ref(),
+                change,
+            )?;
+            Ok(outcome)
+        }
+        Err(e) => Err(e),
+    };
+    tables.counters.operations.fetch_add(1, Ordering::Relaxed);
+    pending.push(answer(reply, result));
+    Ok(changed)
 }
 
 fn fail_all(

@@ -14,6 +14,8 @@
 //! on when its purge (or TTL monitor, or key expiry) runs.
 
 pub mod embedded;
+pub mod mongodb;
+pub mod redis;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -118,6 +120,48 @@ pub enum StoreError {
     Unavailable(String),
     #[error("a stored entry cannot be decoded: {0}")]
     Corrupt(String),
+}
+
+/// Why an attempt to open a shared store (Redis, MongoDB) failed.
+#[derive(Debug)]
+pub(crate) enum StartAttempt {
+    /// Worth retrying: the store may not be up yet (refused, timed out, no primary).
+    Transient(String),
+    /// Retrying cannot help (a malformed URL, refused credentials, a conflicting index).
+    Fatal(String),
+}
+
+/// Try `attempt` until it succeeds, fails for good, or `within` has passed, pausing 100 ms
+/// doubling to 2 s in between: a shared store may start after the server (containers, a
+/// restart of both). Each transient failure is logged as a warning.
+pub(crate) async fn retry_start<T, F, Fut>(
+    what: &str,
+    within: Duration,
+    mut attempt: F,
+) -> Result<T, String>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StartAttempt>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    let mut pause = Duration::from_millis(100);
+    loop {
+        match attempt().await {
+            Ok(value) => return Ok(value),
+            Err(StartAttempt::Fatal(why)) => return Err(why),
+            Err(StartAttempt::Transient(why)) => {
+                if tokio::time::Instant::now() + pause > deadline {
+                    return Err(format!(
+                        "{why} (still failing after {})",
+                        humantime::format_duration(within)
+                    ));
+                }
+                tracing::warn!(store = what, error = %why, "the store does not answer yet; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
 }
 
 /// A storage backend. Object-safe, used as `Arc<dyn Store>`.

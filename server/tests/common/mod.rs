@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod redis_server;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -321,6 +323,17 @@ const CONFIG_ENV: &[&str] = &[
     "API_TOKEN",
     "LOG_FORMAT",
     "RUST_LOG",
+    "STORE_TIMEOUT",
+    "STORE_START_TIMEOUT",
+    "REDIS_URL",
+    "REDIS_CLUSTER_URLS",
+    "REDIS_KEY_PREFIX",
+    "REDIS_WAIT_REPLICAS",
+    "REDIS_WAIT_TIMEOUT",
+    "MONGODB_URI",
+    "MONGODB_DATABASE",
+    "MONGODB_COLLECTION",
+    "MONGODB_WRITE_TIMEOUT",
 ];
 
 /// The real binary, as a test runs it.
@@ -375,6 +388,15 @@ pub struct ServerProcess {
 
 impl ServerProcess {
     pub async fn start(data_dir: &Path, args: &[&str]) -> ServerProcess {
+        ServerProcess::start_with_env(data_dir, args, &[]).await
+    }
+
+    /// Start with some configuration variables set (the others are cleared).
+    pub async fn start_with_env(
+        data_dir: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> ServerProcess {
         let dir = data_dir.to_str().unwrap();
         let mut all = vec![
             "--listen",
@@ -385,7 +407,9 @@ impl ServerProcess {
             "json",
         ];
         all.extend_from_slice(args);
-        let mut child = binary(&all, &[("RUST_LOG", "info,idempotency_server=debug")])
+        let mut env = env.to_vec();
+        env.push(("RUST_LOG", "info,idempotency_server=debug"));
+        let mut child = binary(&all, &env)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -4,6 +4,7 @@
 //! A store's test file declares the suite with a factory that opens a fresh, empty store:
 //!
 //! ```ignore
+//! mod common;
 //! #[macro_use]
 //! mod conformance;
 //!
@@ -14,7 +15,14 @@
 //!
 //! Each case becomes one `#[tokio::test]`. Cases use their own keys, so a factory may hand out
 //! stores that share a backend (one Redis, one MongoDB database) as long as it is empty or the
-//! keys are prefixed per run (see [`Harness::prefix`]).
+//! keys are prefixed per run (see [`Harness::prefix`]). A factory may also return
+//! `Option<Harness>`: `None` skips the case (a backend that is not configured; the factory says
+//! so, once).
+//!
+//! A backend that is slow to set up (a Redis Cluster takes two seconds to form) can run the
+//! whole suite in ONE test, the cases one after the other on harnesses made from one shared
+//! context: `conformance_suite!(sequential test_name, setup, factory)`, where `setup()` returns
+//! the context and `factory(&context)` a harness.
 //!
 //! Time is real: leases and retentions of a few hundred milliseconds, waited for by polling
 //! until a deadline, never by a fixed sleep standing in for an event. No assertion is about
@@ -24,20 +32,24 @@
 
 use std::any::Any;
 use std::collections::HashMap;
-use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use idempotency_server::store::{
     Allocate, AllocateOutcome, Record, RecordOutcome, Release, ReleaseOutcome, Store, now_ms,
 };
 use idempotency_spec::{Capture, Header, HeaderValue};
 
+use crate::common::eventually;
+
 /// A store under test and whatever must outlive it (a temporary directory, a server process).
 pub struct Harness {
     pub store: Arc<dyn Store>,
     /// Prepended to every key of the suite, so that runs sharing a backend do not meet.
     pub prefix: String,
+    /// How far the store's clock may be from this process's (a store that uses its own clock
+    /// on another host): comparisons of its instants with ours allow that much.
+    pub clock_skew: Duration,
     _guard: Box<dyn Any + Send + Sync>,
 }
 
@@ -46,6 +58,7 @@ impl Harness {
         Harness {
             store,
             prefix: String::new(),
+            clock_skew: Duration::ZERO,
             _guard: Box::new(guard),
         }
     }
@@ -55,6 +68,15 @@ impl Harness {
         self
     }
 
+    pub fn with_clock_skew(mut self, skew: Duration) -> Harness {
+        self.clock_skew = skew;
+        self
+    }
+
+    fn skew_ms(&self) -> u64 {
+        self.clock_skew.as_millis() as u64
+    }
+
     pub async fn finish(self) {
         self.store.shutdown().await.expect("the store shuts down");
     }
@@ -62,8 +84,9 @@ impl Harness {
 
 /// Declares one `#[tokio::test]` per case of the suite, each on a store from `$factory`.
 macro_rules! conformance_suite {
-    ($factory:path) => {
-        conformance_suite!(@cases $factory;
+    // The internal rules come first: `sequential ...` would otherwise parse as a factory path.
+    (@with_cases ($($head:tt)*)) => {
+        conformance_suite!($($head)*;
             allocate_free_key_gives_a_lease,
             allocate_on_a_live_lease_is_in_flight,
             expired_lease_is_taken_over,
@@ -94,18 +117,38 @@ macro_rules! conformance_suite {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $case() {
-                let harness = $factory().await;
+                // `Option::from` takes a `Harness` or an `Option<Harness>` (None: skipped).
+                let Some(harness) = Option::<conformance::Harness>::from($factory().await) else {
+                    return;
+                };
                 conformance::$case(&harness).await;
                 harness.finish().await;
             }
         )*
     };
+    (@sequential $test:ident, $setup:path, $factory:path; $($case:ident),* $(,)?) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $test() {
+            let context = $setup().await;
+            $(
+                // Shown with the failure (the test's output is captured): which case failed.
+                println!("conformance case {}", stringify!($case));
+                let harness = $factory(&context).await;
+                conformance::$case(&harness).await;
+                harness.finish().await;
+            )*
+        }
+    };
+    (sequential $test:ident, $setup:path, $factory:path) => {
+        conformance_suite!(@with_cases (@sequential $test, $setup, $factory));
+    };
+    ($factory:path) => {
+        conformance_suite!(@with_cases (@cases $factory));
+    };
 }
 
 const LONG: Duration = Duration::from_secs(3600);
 const SHORT: Duration = Duration::from_millis(200);
-/// How long a poll for an expiry may take before the test fails (generous for loaded CI).
-const DEADLINE: Duration = Duration::from_secs(10);
 
 fn key(h: &Harness, name: &str) -> String {
     format!("{}{name}", h.prefix)
@@ -157,26 +200,10 @@ async fn lease(store: &dyn Store, request: Allocate) -> (String, u64) {
     }
 }
 
-/// Poll `attempt` until it returns `Some`, failing the test after [`DEADLINE`].
-pub async fn eventually<T, F, Fut>(what: &str, mut attempt: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + DEADLINE;
-    let mut pause = Duration::from_millis(10);
-    loop {
-        if let Some(value) = attempt().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "gave up waiting for {what}");
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_millis(100));
-    }
-}
-
-/// Wait until the wall clock has passed `at` (a lease's or a retention's end).
-async fn until_past(at: u64) {
+/// Wait until the wall clock has passed `at` (a lease's or a retention's end), by the store's
+/// clock too.
+async fn until_past(h: &Harness, at: u64) {
+    let at = at + h.skew_ms();
     eventually("the clock to pass an expiry", || async {
         (now_ms() > at).then_some(())
     })
@@ -188,8 +215,12 @@ pub async fn allocate_free_key_gives_a_lease(h: &Harness) {
     let before = now_ms();
     let (token, expires) = lease(&*h.store, alloc(&k, None, Duration::from_secs(60))).await;
     assert!(!token.is_empty());
-    assert!(expires >= before + 60_000, "the lease lasts as asked");
-    assert!(expires <= now_ms() + 60_000);
+    let skew = h.skew_ms();
+    assert!(
+        expires + skew >= before + 60_000,
+        "the lease lasts as asked"
+    );
+    assert!(expires <= now_ms() + 60_000 + skew);
 }
 
 pub async fn allocate_on_a_live_lease_is_in_flight(h: &Harness) {
@@ -275,7 +306,8 @@ pub async fn record_then_allocate_replays(h: &Harness) {
     let RecordOutcome::Stored { expires_at } = outcome else {
         panic!("expected stored, got {outcome:?}");
     };
-    assert!(expires_at >= before + 60_000 && expires_at <= now_ms() + 60_000);
+    let skew = h.skew_ms();
+    assert!(expires_at + skew >= before + 60_000 && expires_at <= now_ms() + 60_000 + skew);
     for _ in 0..2 {
         assert_eq!(
             h.store.allocate(alloc(&k, None, LONG)).await.unwrap(),
@@ -384,7 +416,7 @@ pub async fn record_with_another_token_is_forbidden(h: &Harness) {
 pub async fn record_after_the_lease_expired_is_forbidden(h: &Harness) {
     let k = key(h, "late");
     let (token, expires) = lease(&*h.store, alloc(&k, None, SHORT)).await;
-    until_past(expires).await;
+    until_past(h, expires).await;
     // Nobody took the key over; the lease is gone all the same, with or without its token.
     for token in [Some(token.as_str()), None] {
         assert_eq!(
@@ -550,7 +582,7 @@ pub async fn expired_lease_is_taken_over_with_another_fingerprint(h: &Harness) {
     let k = key(h, "fp-takeover");
     let (first, expires) = lease(&*h.store, alloc(&k, Some("digest-a"), SHORT)).await;
     // An expired lease is a free key: no comparison, and the new fingerprint is the one kept.
-    until_past(expires).await;
+    until_past(h, expires).await;
     let (second, _) = lease(&*h.store, alloc(&k, Some("digest-b"), LONG)).await;
     assert_ne!(second, first);
     assert_eq!(
@@ -574,7 +606,7 @@ pub async fn completed_capture_expires_after_retention(h: &Harness) {
         panic!("expected stored");
     };
     // Replayed until the retention's end, then free (fingerprint forgotten too).
-    until_past(expires_at).await;
+    until_past(h, expires_at).await;
     lease(&*h.store, alloc(&k, Some("digest-b"), LONG)).await;
 }
 
@@ -587,7 +619,7 @@ pub async fn purge_never_changes_an_answer(h: &Harness) {
         .record(rec(&done, Some(&done_token), capture("kept"), LONG))
         .await
         .unwrap();
-    until_past(expires).await;
+    until_past(h, expires).await;
     while h.store.purge_expired(1000).await.unwrap() >= 1000 {}
     assert_eq!(
         h.store
@@ -673,7 +705,7 @@ pub async fn concurrent_allocations_over_a_thousand_keys(h: &Harness) {
 pub async fn concurrent_takeovers_give_one_lease(h: &Harness) {
     let k = key(h, "race-takeover");
     let (_, expires) = lease(&*h.store, alloc(&k, None, SHORT)).await;
-    until_past(expires).await;
+    until_past(h, expires).await;
     let leases = race(&h.store, std::slice::from_ref(&k), 32).await;
     assert_eq!(leases[&k], 1, "one takeover of an expired lease");
 }
