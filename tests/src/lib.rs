@@ -1,1 +1,161 @@
-//! placeholder
+//! # A proxy-wasm host on wasmtime, with Kong's and Envoy's rules
+//!
+//! Kong and Envoy cannot run here, so filters are proven under this host: a library
+//! that loads a `wasm32-wasip1` proxy-wasm module (ABI 0.2.1, Rust SDK 0.2.x), runs it
+//! as one worker of the real host would, and sends real HTTP over loopback through it.
+//! The proof is only worth the host's fidelity: every behaviour below says where it
+//! comes from (HOSTS.md = `../shared/HOSTS.md`, observed in real runs; otherwise the
+//! hosts' source, named).
+//!
+//! ## Map
+//!
+//! | module | concern |
+//! | --- | --- |
+//! | [`host`] | the public API: [`Host::builder`], options, the proxy listener, clock, [`Host::settle`], what tests read back |
+//! | [`traffic`] | the worker thread and its event loop: client ↔ filter ↔ upstream, per request |
+//! | [`contexts`] | the instance, its store data ([`contexts::World`]), the lifecycle calls, fuel, traps |
+//! | [`hostcalls`] | the `env.proxy_*` imports, with each call's status codes |
+//! | [`properties`] | `proxy_get_property`: names, encodings, per mode and context |
+//! | [`dispatch`] | `dispatch_http_call` over loopback, and how each host reports failures |
+//! | [`wasi`] | the WASI preview1 functions (stdout/stderr to the log, virtual clock) |
+//! | [`abi`] | guest memory, allocation through the module, pairs serialization, status codes |
+//! | [`rules`] | **the one place where ngx and envoy differ** ([`Mode`]) |
+//! | [`observed`] | logs, metrics, shared data, fuel, violations (survive an ngx reset) |
+//! | [`upstream`] | the counting upstream (the API behind the gateway) |
+//! | [`client`] | a small HTTP/1.1 client (status, reason, repeated headers, bytes) |
+//! | [`build`] | builds a workspace package for wasm32-wasip1 (`--profile wasm`) |
+//!
+//! ## The event loop
+//!
+//! One [`Host`] = one worker: ONE Wasm instance owned by ONE thread, which processes
+//! events one at a time (client request / body chunk / client gone, upstream head /
+//! chunk / end / failure, dispatch answer, clock advance). All network I/O runs in
+//! tokio tasks on the test's runtime and posts events to it. So many requests are in
+//! flight at once and their callbacks interleave in one instance, sharing the module's
+//! memory with each other and with the root context — a race in a filter can show.
+//! Effects of a callback (dispatched calls, local responses, resume, tick period) are
+//! applied after it returns, as Envoy's "after VM call actions" and ngx's stash do.
+//!
+//! Time is virtual: the clock starts at the wall time of `Host::builder` and moves only
+//! with [`Host::advance`], which fires each due tick with the clock at its due time;
+//! `proxy_get_current_time_nanoseconds` and WASI `clock_time_get` read it. Tests never
+//! sleep to synchronise: [`Host::settle`] waits until no request, call, upstream
+//! exchange or event is in flight. (Time-outs of calls and upstream delays are real
+//! time: they are behaviours under test, not synchronisation.)
+//!
+//! ## Per-mode rules
+//!
+//! | rule | ngx (Kong) | envoy | source |
+//! | --- | --- | --- | --- |
+//! | `dispatch_http_call` | request headers, request body, call response, tick; elsewhere traps (`dispatch failed: bad step`) | every phase | HOSTS.md (observed); ngx_http_proxy_wasm_dispatch.c |
+//! | dispatch upstream | `host:port` (no port → 80; a URL traps; names other than localhost/IPs: `resolver failure`) | a cluster name mapped by the test; unknown → BadArgument | HOSTS.md |
+//! | dispatch headers | no `:method`/`:path` traps; `:authority` → Host; new connection, `Connection: close`, Content-Length | `:method`, `:path`, `:authority` required (BadArgument) | dispatch.c; HOSTS.md |
+//! | dispatch time-out | 0 → 60 s (socket default) | 0 → none | HOSTS.md |
+//! | failed call | `on_http_call_response(0 headers)`, `:dispatch_status` = `timeout` / `broken connection` / `resolver failure` | refused → 503, time-out → 504 (router replies); reset after headers → 0 headers, `proxy_get_status` = (11, `reset`) | Kong/ngx_wasm_module#625; Envoy context.cc `onHttpCallFailure`, envoyproxy/envoy#27311 |
+//! | call in flight when its request ends | fatal violation (the worker crashes) | cancelled silently | HOSTS.md (observed 3/3); Envoy cancels `http_request_` |
+//! | trap (any host error or Rust panic) | instance discarded; its client gets 500; other in-flight requests of it fail (500, or a broken response) at their next step, without callbacks; the next request gets a new instance (`on_vm_start`/`on_configure` again, globals lost) | VM failed for good: this and every stream get 503 (`wasm_fail_stream`), or pass without the filter when `fail_open` | HOSTS.md; ngx_proxy_wasm.c (`instance->trapped` → `ERR_INSTANCE_TRAPPED`); proxy-wasm-cpp-host `CHECK_FAIL_HTTP` / Envoy `failStream` |
+//! | request body | whole, once, end_of_stream true; past `client_body_buffer_size` (8k) the filter sees none (error logged when read) while the upstream gets it all | chunks as they come (the test chooses the size); Pause = StopIterationAndBuffer, past `buffer_limit` (1 MiB) → 413 | HOSTS.md; ngx_proxy_wasm_host.c `get_buffer` |
+//! | when the upstream is asked | after the body was read | as soon as the request headers continue, body streamed as released | nginx proxy_request_buffering; Envoy router |
+//! | Pause in request headers | until `resume_http_request` | same; body still reaches the filter meanwhile | HOSTS.md; Envoy filter manager |
+//! | Pause in response headers | ignored, warning logged | stops until `resume_http_response` | HOSTS.md |
+//! | resume in response phases | does nothing | resumes | HOSTS.md |
+//! | Pause in response body | buffering up to `wasm_response_body_buffers` (4 × 4k); on overflow the buffer goes out and buffering stops | StopIterationAndBuffer up to `buffer_limit`; past it 500 if the headers are not sent, else reset | HOSTS.md |
+//! | response end_of_stream | with Content-Length on the chunk that completes it, but never after a buffers overflow (on_log still runs); chunked: a final empty call | Content-Length: on the last chunk; chunked: a final empty call | HOSTS.md (observed) |
+//! | body changed after Content-Length went out | violation (the client hangs); remove `content-length` in response headers first → chunked | same (a broken response) | HOSTS.md |
+//! | local response | LF appended to a non-empty body; last of repeated headers wins; empty reason phrase; `on_http_response_headers` runs for it; in response headers it replaces status and body only | body as given, repeated headers kept, canonical reason; runs the response callbacks too | HOSTS.md; Envoy `sendLocalReply` (addCopy) |
+//! | `set_tick_period` | once per root context (a second call traps); ignored from an HTTP context | may change; from an HTTP context it sets the root's | ngx_proxy_wasm_host.c `set_tick_period` |
+//! | shared data CAS 0 | succeeds only when the key does not exist | writes unconditionally | HOSTS.md |
+//! | `set_buffer` | `(0, 0, d)` prepends; otherwise body[..start] + d cut to `len` | start 0: drain `len`, prepend; start ≥ size: append; else BadArgument | HOSTS.md; ngx_proxy_wasm_host.c; cpp-host `copyFrom` |
+//! | client goes away | nothing stops: a pending call completes, its answer runs, the upstream is asked, on_log runs | the stream is reset: calls cancelled, upstream reset, on_done/on_log run | HOSTS.md (observed); Envoy stream reset |
+//! | end callbacks | on_log, on_done, on_delete | on_done, on_log, on_delete | ngx log then done steps; cpp-host onDestroy/log |
+//! | `on_configure` false | the load fails (Kong stops the worker) | the load fails | HOSTS.md |
+//!
+//! ## Properties (`proxy_get_property`)
+//!
+//! ngx (ngx_proxy_wasm_properties.c, Kong `runloop/wasm.lua`), values are text:
+//! * any context: `plugin_name` (filter name), `plugin_root_id` (root context id, decimal);
+//! * HTTP context only: `request.path` (`$request_uri`, with query), `request.url_path`,
+//!   `request.host` (`$hostname`, the machine's name — not the Host header),
+//!   `request.scheme`, `request.method`, `request.useragent`, `request.protocol`,
+//!   `request.query`, `request.id` (x-request-id), `request.referer`, `request.size`
+//!   (`$content_length`), `request.total_size`, `request.headers.<name>`,
+//!   `response.code` (`$status`), `response.headers.<name>`, `source.address`
+//!   (`$remote_addr`, ip only), `source.port`, `connection.id`, `upstream.address`,
+//!   `upstream.port`; `ngx.<variable>` for nginx variables (`request_uri`, `uri`, `args`,
+//!   `request_method`, `scheme`, `remote_addr`, `remote_port`, `server_addr`,
+//!   `server_port`, `host`, `hostname`, `http_<header>`, `sent_http_<header>`,
+//!   `content_length`, `status`, `upstream_addr`, …); Kong's `kong.route_id`,
+//!   `kong.service_id`, `kong.router.route` and `kong.router.service` (JSON; the route
+//!   and service **names** are read there), `kong.version`, `kong.client.protocol`,
+//!   `kong.nginx.subsystem`, `kong.node.id`, `kong.request.port`;
+//! * never: `node`, `route_name`, `cluster_name`, `listener_*`, … (NotFound and an error
+//!   line "property not supported"), `plugin_vm_id` (NYI).
+//!
+//! envoy (Envoy attributes and Wasm properties), strings raw, integers 8-byte LE int64:
+//! * any context: `plugin_name`, `plugin_root_id`, `plugin_vm_id`, `node` / `xds.node`
+//!   (serialized `Node` proto), `listener_direction`;
+//! * HTTP context: `request.path`, `request.url_path`, `request.host` (`:authority`),
+//!   `request.scheme`, `request.method`, `request.headers.<name>`, `request.referer`,
+//!   `request.useragent`, `request.id`, `request.protocol`, `request.query`,
+//!   `request.size` (int), `source.address` (`ip:port`), `source.port` (int),
+//!   `destination.address`, `destination.port`, `connection.id` (int), `response.code`
+//!   (int), `response.headers.<name>`, `route_name` / `xds.route_name` (the route
+//!   name), `cluster_name` / `xds.cluster_name` (the service), `upstream.address`,
+//!   `upstream.port`, and anything set with `proxy_set_property`.
+//!
+//! **Telling the hosts apart at start** (root context, `on_configure`): `node` is
+//! present in Envoy and NotFound in ngx. In an HTTP context, `ngx.*` exists only in ngx.
+//!
+//! Header maps: request headers start with `:path`, `:method`, `:scheme`, `:authority`
+//! (ngx: `server_name:port`, the Host header stays; envoy: the Host header becomes
+//! `:authority`, plus `x-forwarded-proto` and `x-request-id`); response headers start
+//! with `:status`. A failed ngx call's headers hold `:dispatch_status` only.
+//!
+//! ## Using it
+//!
+//! ```no_run
+//! use idempotency_tests::{Host, Mode, Reply, Upstream, build};
+//!
+//! # async fn example() {
+//! let api = Upstream::start().await;
+//! api.reply("/orders", Reply::new(201).header("location", "/orders/1").body("{}"));
+//! let host = Host::builder(Mode::Ngx, build::wasm("host-fixture"))
+//!     .upstream(api.addr())
+//!     .config("tick_ms=1000")
+//!     .start()
+//!     .await
+//!     .unwrap();
+//! let r = host.client().post("/orders", "{\"qty\":1}").await.unwrap();
+//! assert_eq!(r.status, 201);
+//! host.advance(std::time::Duration::from_secs(1)).await; // one tick
+//! host.settle().await;
+//! assert_eq!(api.count("/orders"), 1);
+//! host.finish().await; // panics on an unexpected violation
+//! # }
+//! ```
+//!
+//! Tests run on any tokio runtime (`#[tokio::test]`); each host starts its own worker
+//! thread. A [`Violation`] (a behaviour that would crash or hang a real host) fails the
+//! test at [`Host::finish`] or drop unless [`Host::expect_violation`] declared it.
+
+pub mod abi;
+pub mod build;
+pub mod client;
+pub mod contexts;
+pub mod dispatch;
+pub mod host;
+pub mod hostcalls;
+pub mod observed;
+pub mod properties;
+pub mod rules;
+pub mod traffic;
+pub mod upstream;
+pub mod wasi;
+
+pub use client::{Client, ClientRequest, ClientResponse};
+pub use host::{Host, HostBuilder, HostOptions};
+pub use observed::{
+    Fuel, Level, LogLine, Metric, MetricKind, RequestFuel, Source, Violation, ViolationKind,
+};
+pub use rules::{Mode, Phase};
+pub use upstream::{Reply, Seen, Upstream};

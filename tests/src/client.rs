@@ -1,0 +1,169 @@
+//! A small HTTP/1.1 client for tests: it returns the status, the reason phrase, every
+//! header with repeated names kept (in order per name) and the body bytes. It can also
+//! send a request and go away before the answer (a client disconnect).
+
+use std::net::SocketAddr;
+
+use anyhow::{Result, anyhow};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+/// What a client saw.
+#[derive(Clone, Debug)]
+pub struct ClientResponse {
+    pub status: u16,
+    /// The reason phrase as sent (may be empty).
+    pub reason: String,
+    /// Lowercase names; a repeated name keeps every value.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl ClientResponse {
+    /// The first value of a header.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Every value of a header, in order.
+    pub fn header_all(&self, name: &str) -> Vec<&str> {
+        self.headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// A request being built.
+#[derive(Clone, Debug)]
+pub struct ClientRequest {
+    addr: SocketAddr,
+    method: String,
+    path: String,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl ClientRequest {
+    pub fn header(mut self, name: &str, value: impl Into<String>) -> Self {
+        self.headers.push((name.to_string(), value.into()));
+        self
+    }
+
+    pub fn body(mut self, body: impl Into<Vec<u8>>) -> Self {
+        self.body = body.into();
+        self
+    }
+
+    /// Sends it on a new connection and reads the whole response.
+    pub async fn send(self) -> Result<ClientResponse> {
+        let stream = TcpStream::connect(self.addr).await?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let mut builder = hyper::Request::builder()
+            .method(self.method.as_str())
+            .uri(self.path.as_str());
+        if !self
+            .headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("host"))
+        {
+            builder = builder.header("host", self.addr.to_string());
+        }
+        for (k, v) in &self.headers {
+            builder = builder.header(k.as_str(), v.as_str());
+        }
+        let request = builder.body(Full::new(Bytes::from(self.body)))?;
+        let response = sender.send_request(request).await?;
+        let status = response.status();
+        let reason = match response.extensions().get::<hyper::ext::ReasonPhrase>() {
+            Some(r) => String::from_utf8_lossy(r.as_bytes()).into_owned(),
+            None => status.canonical_reason().unwrap_or("").to_string(),
+        };
+        let headers = response
+            .headers()
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| anyhow!("reading the response body: {e}"))?
+            .to_bytes()
+            .to_vec();
+        Ok(ClientResponse {
+            status: status.as_u16(),
+            reason,
+            headers,
+            body,
+        })
+    }
+
+    /// Sends the request bytes and closes the connection at once (the client goes
+    /// away before the answer).
+    pub async fn send_and_disconnect(self) -> Result<()> {
+        let mut stream = TcpStream::connect(self.addr).await?;
+        let mut raw = format!(
+            "{} {} HTTP/1.1\r\nhost: {}\r\n",
+            self.method, self.path, self.addr
+        );
+        for (k, v) in &self.headers {
+            raw.push_str(&format!("{k}: {v}\r\n"));
+        }
+        raw.push_str(&format!("content-length: {}\r\n\r\n", self.body.len()));
+        let mut bytes = raw.into_bytes();
+        bytes.extend_from_slice(&self.body);
+        stream.write_all(&bytes).await?;
+        stream.flush().await?;
+        Ok(())
+    }
+}
+
+/// A client of one host (or any HTTP/1.1 server).
+#[derive(Clone, Debug)]
+pub struct Client {
+    addr: SocketAddr,
+}
+
+impl Client {
+    pub fn new(addr: SocketAddr) -> Client {
+        Client { addr }
+    }
+
+    pub fn request(&self, method: &str, path: &str) -> ClientRequest {
+        ClientRequest {
+            addr: self.addr,
+            method: method.to_string(),
+            path: path.to_string(),
+            headers: Vec::new(),
+            body: Vec::new(),
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> Result<ClientResponse> {
+        self.request("GET", path).send().await
+    }
+
+    pub async fn post(&self, path: &str, body: impl Into<Vec<u8>>) -> Result<ClientResponse> {
+        self.request("POST", path).body(body).send().await
+    }
+}

@@ -1,0 +1,240 @@
+//! The per-mode rules: the one place where `ngx` (ngx_wasm_module as Kong runs it) and
+//! `envoy` differ. Every other module asks [`Mode`] instead of matching on it, so a rule
+//! reads here once, with where it comes from (see also the crate doc's rule table).
+
+use std::fmt;
+
+/// Which real host the test host imitates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// Kong/ngx_wasm_module (Kong Gateway 3.4–3.9).
+    Ngx,
+    /// Envoy (and Istio, which runs Envoy).
+    Envoy,
+}
+
+/// The callback the module is executing, for the rules that depend on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Phase {
+    VmStart,
+    Configure,
+    Tick,
+    RequestHeaders,
+    RequestBody,
+    RequestTrailers,
+    ResponseHeaders,
+    ResponseBody,
+    ResponseTrailers,
+    CallResponse,
+    Log,
+    Done,
+    Delete,
+    /// Context creation and memory allocation.
+    Other,
+}
+
+impl Phase {
+    /// The name the fixture filter and the logs use (`request_headers`, …).
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::VmStart => "vm_start",
+            Phase::Configure => "configure",
+            Phase::Tick => "tick",
+            Phase::RequestHeaders => "request_headers",
+            Phase::RequestBody => "request_body",
+            Phase::RequestTrailers => "request_trailers",
+            Phase::ResponseHeaders => "response_headers",
+            Phase::ResponseBody => "response_body",
+            Phase::ResponseTrailers => "response_trailers",
+            Phase::CallResponse => "call_response",
+            Phase::Log => "log",
+            Phase::Done => "done",
+            Phase::Delete => "delete",
+            Phase::Other => "other",
+        }
+    }
+
+    /// A response phase (headers, body or trailers of the response).
+    pub fn is_response(self) -> bool {
+        matches!(
+            self,
+            Phase::ResponseHeaders | Phase::ResponseBody | Phase::ResponseTrailers
+        )
+    }
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What `proxy_http_call` does when called in a phase.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DispatchRule {
+    Allowed,
+    /// The host raises a trap (ngx: `dispatch failed: bad step`).
+    Trap,
+}
+
+/// What the host does with `Pause` returned from `on_http_response_headers`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResponseHeadersPause {
+    /// Iteration stops until `resume_http_response` (Envoy).
+    Stop,
+    /// A warning is logged and the response goes on (ngx).
+    IgnoredWithWarning,
+}
+
+/// What happens after a trap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TrapRule {
+    /// ngx: the instance is discarded; its in-flight requests fail (500) at their next
+    /// step; the next request gets a fresh instance (`on_vm_start`/`on_configure` again,
+    /// module globals lost).
+    ResetInstance,
+    /// Envoy: the VM is marked failed for good; every stream gets a 503 local reply
+    /// (`wasm_fail_stream`) unless `fail_open`, in which case the filter is skipped.
+    FailVm,
+}
+
+/// The order of the end-of-stream callbacks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EndOrder {
+    /// `on_log` then `on_done` then `on_delete` (ngx: log phase, then the done step).
+    LogDone,
+    /// `on_done` then `on_log` then `on_delete` (proxy-wasm-cpp-host: onDestroy → onDone,
+    /// then the access log → onLog, then the context is deleted).
+    DoneLog,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Ngx => "ngx",
+            Mode::Envoy => "envoy",
+        }
+    }
+
+    /// ngx (HOSTS.md, observed): dispatch works in request headers, request body, call
+    /// response and the root tick, and traps elsewhere. Envoy: every phase.
+    pub fn dispatch_rule(self, phase: Phase) -> DispatchRule {
+        match self {
+            Mode::Envoy => DispatchRule::Allowed,
+            Mode::Ngx => match phase {
+                Phase::RequestHeaders | Phase::RequestBody | Phase::CallResponse | Phase::Tick => {
+                    DispatchRule::Allowed
+                }
+                _ => DispatchRule::Trap,
+            },
+        }
+    }
+
+    /// ngx: Pause in response headers is ignored with a warning (observed). Envoy: stops.
+    pub fn response_headers_pause(self) -> ResponseHeadersPause {
+        match self {
+            Mode::Ngx => ResponseHeadersPause::IgnoredWithWarning,
+            Mode::Envoy => ResponseHeadersPause::Stop,
+        }
+    }
+
+    /// ngx: `resume_http_response`/`resume_http_request` in a response phase does
+    /// nothing (observed: only Pause-for-buffering exists there). Envoy: it resumes.
+    pub fn resume_in_response_phases(self) -> bool {
+        matches!(self, Mode::Envoy)
+    }
+
+    /// ngx: the request body comes whole, once, with end_of_stream (observed).
+    /// Envoy: in chunks as they arrive.
+    pub fn request_body_whole(self) -> bool {
+        matches!(self, Mode::Ngx)
+    }
+
+    /// Shared data `set` with CAS 0: ngx succeeds only when the key does not exist
+    /// (ngx_wasm_shm_kv); Envoy writes unconditionally (HOSTS.md).
+    pub fn cas_zero_requires_absent(self) -> bool {
+        matches!(self, Mode::Ngx)
+    }
+
+    /// ngx: `set_tick_period` may be set once per root context; a second call traps
+    /// ("tick_period already set", ngx_proxy_wasm_host.c). Envoy: it may change.
+    pub fn tick_period_once(self) -> bool {
+        matches!(self, Mode::Ngx)
+    }
+
+    /// ngx: `send_http_response` appends a line feed to a non-empty body (read in the
+    /// module's source; observed 40 → 41 bytes). Envoy: the body is sent as given.
+    pub fn local_response_appends_lf(self) -> bool {
+        matches!(self, Mode::Ngx)
+    }
+
+    /// ngx: of repeated header names in a local response only the last value survives
+    /// (observed). Envoy adds each pair (`headers.addCopy`).
+    pub fn local_response_last_header_wins(self) -> bool {
+        matches!(self, Mode::Ngx)
+    }
+
+    /// ngx: a local response has an empty reason phrase (observed). Envoy: the
+    /// canonical one.
+    pub fn local_response_empty_reason(self) -> bool {
+        matches!(self, Mode::Ngx)
+    }
+
+    /// ngx: `send_http_response` in on_http_response_headers replaces status and body
+    /// only, its headers are ignored (observed).
+    pub fn local_response_in_response_headers_keeps_headers(self) -> bool {
+        matches!(self, Mode::Envoy)
+    }
+
+    pub fn trap_rule(self) -> TrapRule {
+        match self {
+            Mode::Ngx => TrapRule::ResetInstance,
+            Mode::Envoy => TrapRule::FailVm,
+        }
+    }
+
+    /// ngx: a dispatch still in flight when its request ends crashes the worker
+    /// (signal 11, observed 3/3): the host records a fatal violation. Envoy cancels the
+    /// calls of a destroyed context (`http_request_` handlers are cancelled).
+    pub fn dispatch_outliving_request_is_fatal(self) -> bool {
+        matches!(self, Mode::Ngx)
+    }
+
+    /// ngx: a client that goes away does not stop the request: a pending call
+    /// completes, on_http_call_response runs, the request goes on to the upstream and
+    /// on_log runs (observed). Envoy resets the stream: pending calls are cancelled,
+    /// the upstream request is reset, on_done/on_log still run.
+    pub fn client_abort_stops_request(self) -> bool {
+        matches!(self, Mode::Envoy)
+    }
+
+    pub fn end_order(self) -> EndOrder {
+        match self {
+            Mode::Ngx => EndOrder::LogDone,
+            Mode::Envoy => EndOrder::DoneLog,
+        }
+    }
+
+    /// The first token `proxy_http_call` returns: ngx counts from 0 (`callout_ids = 0`
+    /// in ngx_http_proxy_wasm_dispatch.c), Envoy from 1.
+    pub fn first_call_token(self) -> u32 {
+        match self {
+            Mode::Ngx => 0,
+            Mode::Envoy => 1,
+        }
+    }
+
+    /// The status of the error page a trap produces for the request that trapped.
+    pub fn trap_status(self) -> u16 {
+        match self {
+            Mode::Ngx => 500,
+            Mode::Envoy => 503,
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
