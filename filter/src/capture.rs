@@ -55,6 +55,9 @@ pub struct CaptureBuf {
     /// Bytes seen, including those past the limit.
     seen: u64,
     overflow: bool,
+    /// A header value is not UTF-8: the backend stores text, so this response cannot be
+    /// replayed exactly; it passes and the key is released.
+    unstorable: bool,
 }
 
 impl CaptureBuf {
@@ -79,13 +82,34 @@ impl CaptureBuf {
             limit,
             seen: 0,
             overflow,
+            unstorable: false,
         }
+    }
+
+    /// Starts a copy from the response headers as the host gives them (values as bytes).
+    pub fn from_bytes(status: u16, headers: &[(Vec<u8>, Vec<u8>)], limit: u64) -> CaptureBuf {
+        let mut unstorable = false;
+        let text: Vec<(String, String)> = headers
+            .iter()
+            .filter_map(
+                |(n, v)| match (std::str::from_utf8(n), std::str::from_utf8(v)) {
+                    (Ok(n), Ok(v)) => Some((n.to_string(), v.to_string())),
+                    _ => {
+                        unstorable = true;
+                        None
+                    }
+                },
+            )
+            .collect();
+        let mut c = CaptureBuf::new(status, &text, limit);
+        c.unstorable = unstorable;
+        c
     }
 
     /// Adds a body chunk; past the limit the copy is dropped (the response still passes).
     pub fn push(&mut self, chunk: &[u8]) {
         self.seen = self.seen.saturating_add(chunk.len() as u64);
-        if self.overflow {
+        if self.overflow || self.unstorable {
             return;
         }
         if self.body.len().saturating_add(chunk.len()) > self.limit {
@@ -105,8 +129,9 @@ impl CaptureBuf {
         }
     }
 
+    /// Whether copying the body is pointless (too large, or the response cannot be stored).
     pub fn overflow(&self) -> bool {
-        self.overflow
+        self.overflow || self.unstorable
     }
 
     pub fn seen(&self) -> u64 {
@@ -164,6 +189,8 @@ pub enum ReleaseReason {
     TooLarge,
     /// The response did not complete (no end of stream, bytes short of Content-Length).
     Incomplete,
+    /// A header value is not UTF-8, which the backend's capture (JSON text) cannot hold.
+    Unstorable,
 }
 
 impl ReleaseReason {
@@ -174,6 +201,7 @@ impl ReleaseReason {
             ReleaseReason::NotStored => "status not in store_status",
             ReleaseReason::TooLarge => "response larger than max_capture_bytes",
             ReleaseReason::Incomplete => "response incomplete",
+            ReleaseReason::Unstorable => "a response header is not UTF-8",
         }
     }
 }
@@ -194,7 +222,14 @@ pub fn at_end(capture: Option<&CaptureBuf>, complete: bool, store: &StatusSet) -
     if c.overflow {
         return End::Release(ReleaseReason::TooLarge);
     }
-    let complete = complete || c.content_length == Some(c.seen);
+    if c.unstorable {
+        return End::Release(ReleaseReason::Unstorable);
+    }
+    // Without end of stream: the bytes seen equal Content-Length, or a status that never
+    // has a body (204, 304) and none was seen.
+    let complete = complete
+        || c.content_length == Some(c.seen)
+        || (matches!(c.status, 204 | 304) && c.seen == 0);
     if !complete {
         return End::Release(ReleaseReason::Incomplete);
     }
@@ -316,6 +351,30 @@ mod tests {
             at_end(Some(&c), false, &store),
             End::Release(ReleaseReason::Incomplete)
         );
+        // A 204 or 304 has no body: complete without end of stream or Content-Length.
+        for s in [204, 304] {
+            let c = CaptureBuf::new(s, &[], 10);
+            assert_eq!(at_end(Some(&c), false, &store), End::Record);
+        }
+    }
+
+    #[test]
+    fn a_header_that_is_not_utf8_releases() {
+        let headers = vec![
+            (b"content-type".to_vec(), b"text/plain".to_vec()),
+            (b"x-name".to_vec(), b"caf\xe9".to_vec()),
+        ];
+        let mut c = CaptureBuf::from_bytes(200, &headers, 10);
+        assert!(c.overflow(), "nothing is copied");
+        c.push(b"abc");
+        assert_eq!(c.seen(), 3);
+        assert_eq!(
+            at_end(Some(&c), true, &below_500()),
+            End::Release(ReleaseReason::Unstorable)
+        );
+        let ok = CaptureBuf::from_bytes(200, &headers[..1], 10);
+        assert_eq!(ok.headers, h(&[("content-type", "text/plain")]));
+        assert_eq!(at_end(Some(&ok), true, &below_500()), End::Record);
     }
 
     #[test]

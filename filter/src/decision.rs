@@ -5,7 +5,8 @@
 //! backend says the key itself is malformed, which is the filter's fault: a server error);
 //! anything else, no answer, or a failed call → server error, handled per `on_server_error`.
 
-use idempotency_spec::{AllocateRequest, Allocated, CaptureRecord, Problem, problem_type};
+use idempotency_spec::{AllocateRequest, Capture, Header, HeaderValue, problem_type};
+use serde_json::Value;
 
 use crate::config::Config;
 
@@ -57,7 +58,7 @@ pub enum Allocation {
     /// 202: the request holds the key; go on to the upstream.
     Proceed { lease_token: String },
     /// 200: the key completed earlier; replay this.
-    Replay(Box<CaptureRecord>),
+    Replay(Box<Capture>),
     /// 409: another request holds the key.
     Conflict { retry_after: Option<String> },
     /// 422: the key was used with another request.
@@ -66,27 +67,79 @@ pub enum Allocation {
     ServerError(String),
 }
 
+/// The answer's body as JSON (`Null` when it is not JSON).
+///
+/// The backend's answers are read as JSON values and picked apart by hand rather than
+/// through serde's derived deserializers: those, with the float formatting their type errors
+/// pull in, would cost about 30 KiB of the Wasm module; and a missing or mistyped field is
+/// then simply `None`, never an error message to format.
+fn json(body: &[u8]) -> Value {
+    serde_json::from_slice(body).unwrap_or(Value::Null)
+}
+
+fn take_string(v: &mut Value, name: &str) -> Option<String> {
+    match v.get_mut(name).map(Value::take)? {
+        Value::String(s) => Some(s),
+        _ => None,
+    }
+}
+
+/// The capture of a 200 allocate answer (`{"response": {…}}`), the body moved, not copied.
+pub fn capture_of(mut answer: Value) -> Option<Capture> {
+    let mut r = answer.get_mut("response").map(Value::take)?;
+    let response_status = u16::try_from(r.get("response_status")?.as_u64()?).ok()?;
+    let response_body = take_string(&mut r, "response_body")?;
+    let response_headers = r
+        .get_mut("response_headers")?
+        .as_array_mut()?
+        .iter_mut()
+        .map(|h| {
+            let key = take_string(h, "key")?;
+            let value = match h.get_mut("value").map(Value::take)? {
+                Value::String(s) => HeaderValue::One(s),
+                Value::Array(items) => HeaderValue::Many(
+                    items
+                        .into_iter()
+                        .map(|i| match i {
+                            Value::String(s) => Some(s),
+                            _ => None,
+                        })
+                        .collect::<Option<Vec<String>>>()?,
+                ),
+                _ => return None,
+            };
+            Some(Header { key, value })
+        })
+        .collect::<Option<Vec<Header>>>()?;
+    Some(Capture {
+        response_status,
+        response_body,
+        response_headers,
+    })
+}
+
 pub fn allocation(answer: &CallAnswer) -> Allocation {
     match answer.status {
-        Some(202) => match serde_json::from_slice::<Allocated>(&answer.body) {
-            Ok(a) if !a.lease_token.is_empty() => Allocation::Proceed {
-                lease_token: a.lease_token,
-            },
+        Some(202) => match take_string(&mut json(&answer.body), "lease_token") {
+            Some(lease_token) if !lease_token.is_empty() => Allocation::Proceed { lease_token },
             _ => Allocation::ServerError("202 without a lease token".to_string()),
         },
-        Some(200) => match serde_json::from_slice::<CaptureRecord>(&answer.body) {
-            Ok(r) => Allocation::Replay(Box::new(r)),
-            Err(e) => Allocation::ServerError(format!("200 with an unreadable capture: {e}")),
+        Some(200) => match capture_of(json(&answer.body)) {
+            Some(c) => Allocation::Replay(Box::new(c)),
+            None => Allocation::ServerError("200 with an unreadable capture".to_string()),
         },
         Some(409) => Allocation::Conflict {
             retry_after: answer.retry_after.clone(),
         },
-        Some(422) => match serde_json::from_slice::<Problem>(&answer.body) {
-            Ok(p) if p.kind == problem_type::MALFORMED_KEY => {
+        Some(422) => {
+            if json(&answer.body).get("type").and_then(Value::as_str)
+                == Some(problem_type::MALFORMED_KEY)
+            {
                 Allocation::ServerError("the backend refused the key as malformed".to_string())
+            } else {
+                Allocation::Mismatch
             }
-            _ => Allocation::Mismatch,
-        },
+        }
         _ => Allocation::ServerError(answer.describe()),
     }
 }
@@ -152,7 +205,7 @@ mod tests {
         ));
         let rec = r#"{"idempotency_key":"k","response":{"response_status":201,"response_body":"","response_headers":[]}}"#;
         assert!(
-            matches!(allocation(&ans(Some(200), rec)), Allocation::Replay(r) if r.response.response_status == 201)
+            matches!(allocation(&ans(Some(200), rec)), Allocation::Replay(r) if r.response_status == 201)
         );
         assert!(matches!(
             allocation(&ans(Some(200), "{}")),
@@ -186,6 +239,45 @@ mod tests {
         }
         assert!(matches!(
             allocation(&ans(None, "")),
+            Allocation::ServerError(_)
+        ));
+    }
+
+    #[test]
+    fn captures_are_read_by_hand_with_both_header_shapes() {
+        let rec = r#"{"idempotency_key":"k","response":{"response_status":201,"response_body":"AP8K",
+            "response_headers":[{"key":"Set-Cookie","value":"a=1"},{"key":"x-many","value":["1","2"]}]}}"#;
+        let c = capture_of(serde_json::from_str(rec).unwrap()).unwrap();
+        assert_eq!(c.response_status, 201);
+        assert_eq!(c.response_body, "AP8K");
+        assert_eq!(c.response_headers[0].key, "Set-Cookie");
+        assert_eq!(c.response_headers[0].value, HeaderValue::One("a=1".into()));
+        assert_eq!(
+            c.response_headers[1].value,
+            HeaderValue::Many(vec!["1".into(), "2".into()])
+        );
+        // Anything malformed is None, never a panic.
+        for bad in [
+            r#"{}"#,
+            r#"[]"#,
+            r#"{"response":{"response_status":70000,"response_body":"","response_headers":[]}}"#,
+            r#"{"response":{"response_status":201.5,"response_body":"","response_headers":[]}}"#,
+            r#"{"response":{"response_status":201,"response_body":1,"response_headers":[]}}"#,
+            r#"{"response":{"response_status":201,"response_body":"","response_headers":{}}}"#,
+            r#"{"response":{"response_status":201,"response_body":"","response_headers":[{"key":"a"}]}}"#,
+            r#"{"response":{"response_status":201,"response_body":"","response_headers":[{"key":"a","value":[1]}]}}"#,
+        ] {
+            assert!(
+                capture_of(serde_json::from_str(bad).unwrap()).is_none(),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            allocation(&ans(Some(202), r#"{"lease_token":7}"#)),
+            Allocation::ServerError(_)
+        ));
+        assert!(matches!(
+            allocation(&ans(Some(200), "not json")),
             Allocation::ServerError(_)
         ));
     }

@@ -27,11 +27,12 @@ use crate::fingerprint::Fingerprint;
 use crate::host::{self, Host};
 use crate::key;
 use crate::metrics::Metric;
+use crate::pairs;
 use crate::problem::{self, Kind};
 use crate::queue::{Class, Entry, Op, Target, classify};
 use crate::replay::{self, HeaderOp, LocalReply};
 use crate::scope::{self, ScopeInput};
-use crate::shared::{count, enqueue, log, now_ms};
+use crate::shared::{count, enqueue, header_map, log, now_ms};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -166,23 +167,17 @@ impl Http {
 
     fn on_request_headers(&mut self, cfg: &Config, end_of_stream: bool) -> Next {
         self.host = crate::shared::host();
-        let Ok(headers) = hostcalls::get_map(MapType::HttpRequestHeaders) else {
-            return Next::Continue;
-        };
-        let get = |name: &str| {
-            headers
-                .iter()
-                .find(|(n, _)| n.eq_ignore_ascii_case(name))
-                .map(|(_, v)| v.as_str())
-        };
-        let method = get(":method").unwrap_or("");
-        if !cfg.applies_to(method) {
+        // As bytes: nothing a client sends may make the filter panic (see `pairs`).
+        let headers = header_map(MapType::HttpRequestHeaders);
+        let get = |name: &str| pairs::get(&headers, name);
+        let method = get(":method").unwrap_or(b"");
+        if !std::str::from_utf8(method).is_ok_and(|m| cfg.applies_to(m)) {
             return Next::Continue;
         }
-        let values: Vec<&str> = headers
+        let values: Vec<&[u8]> = headers
             .iter()
-            .filter(|(n, _)| n.eq_ignore_ascii_case(&cfg.header))
-            .map(|(_, v)| v.as_str())
+            .filter(|(n, _)| n.eq_ignore_ascii_case(cfg.header.as_bytes()))
+            .map(|(_, v)| v.as_slice())
             .collect();
         let raw = match values.as_slice() {
             [] if cfg.require_key => {
@@ -201,15 +196,15 @@ impl Http {
                 return self.send_problem(Kind::InvalidKey, &detail, None);
             }
         };
-        let client_key = match key::parse(raw.as_bytes()) {
+        let client_key = match key::parse(raw) {
             Ok(k) => k,
             Err(e) => {
                 count(Metric::InvalidKey);
                 return self.send_problem(Kind::InvalidKey, e.detail(), None);
             }
         };
-        let path = get(":path").unwrap_or("/");
-        let host_name = get("host").or_else(|| get(":authority")).unwrap_or("");
+        let path = get(":path").unwrap_or(b"/");
+        let host_name = get("host").or_else(|| get(":authority")).unwrap_or(b"");
         let digest = scope::digest(
             cfg.scope.route,
             &cfg.scope.headers,
@@ -221,7 +216,8 @@ impl Http {
             },
         );
         self.key = key::backend_key(&digest, &client_key);
-        self.content_length = get("content-length").and_then(|v| v.trim().parse::<u64>().ok());
+        self.content_length = get("content-length")
+            .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse::<u64>().ok());
         if self
             .content_length
             .is_some_and(|cl| cl > cfg.max_request_body_bytes)
@@ -232,16 +228,25 @@ impl Http {
             // Nothing to read: the body's size is bounded by its Content-Length only.
             return self.allocate(cfg, false);
         }
-        self.fingerprint = Some(Fingerprint::new(method, path, get("content-type")));
         let body_expected = if self.host == Host::Ngx {
             // ngx_wasm_module passes end_of_stream = 1 to on_request_headers whatever follows
             // (NGX_HTTP_PROXY_WASM_EOF in ngx_http_proxy_wasm.c), and calls on_request_body
-            // only for a non-empty body: decide from the framing headers.
+            // only for a non-empty body: decide from the framing headers. A body of unknown
+            // length may be empty, and then no callback would come before the upstream is
+            // asked: refuse it rather than let it pass unallocated (README, Problems).
+            if self.content_length.is_none() && get("transfer-encoding").is_some() {
+                count(Metric::LengthRequired);
+                return self.send_problem(
+                    Kind::LengthRequired,
+                    "send this request with a Content-Length: on this gateway a body of unknown length cannot be fingerprinted before it is forwarded",
+                    None,
+                );
+            }
             self.content_length.is_some_and(|cl| cl > 0)
-                || (self.content_length.is_none() && get("transfer-encoding").is_some())
         } else {
             !end_of_stream
         };
+        self.fingerprint = Some(Fingerprint::new(method, path, get("content-type")));
         if !body_expected {
             return self.allocate(cfg, false);
         }
@@ -353,12 +358,8 @@ impl Http {
                 self.phase = Phase::Proxying;
                 Next::Continue
             }
-            Allocation::Replay(record) => {
-                match replay::from_capture(
-                    &record.response,
-                    &cfg.strip_on_replay,
-                    &cfg.replay_header,
-                ) {
+            Allocation::Replay(capture) => {
+                match replay::from_capture(&capture, &cfg.strip_on_replay, &cfg.replay_header) {
                     Ok(reply) => {
                         count(if wait {
                             Metric::Waited
@@ -481,7 +482,7 @@ impl Http {
         let Some(reply) = self.reply.as_ref() else {
             return;
         };
-        let present = hostcalls::get_map(MapType::HttpResponseHeaders).unwrap_or_default();
+        let present = pairs::lossy(header_map(MapType::HttpResponseHeaders));
         for op in replay::header_fixups(&present, reply) {
             let _ = match op {
                 HeaderOp::Remove(n) => {
@@ -526,7 +527,7 @@ impl Context for Http {
         let Some(cfg) = self.cfg.clone() else {
             return;
         };
-        let headers = hostcalls::get_map(MapType::HttpCallResponseHeaders).unwrap_or_default();
+        let headers = pairs::lossy(header_map(MapType::HttpCallResponseHeaders));
         let body = if body_size > 0 {
             hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
                 .ok()
@@ -581,15 +582,19 @@ impl HttpContext for Http {
                 Action::Continue
             }
             Phase::Proxying => {
-                let headers = hostcalls::get_map(MapType::HttpResponseHeaders).unwrap_or_default();
-                let status = headers
-                    .iter()
-                    .find(|(n, _)| n == ":status")
-                    .and_then(|(_, v)| v.trim().parse::<u16>().ok());
+                let headers = header_map(MapType::HttpResponseHeaders);
+                let status = pairs::get(&headers, ":status")
+                    .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse::<u16>().ok());
                 if let Some(status) = status {
-                    self.capture = Some(CaptureBuf::new(status, &headers, cfg.max_capture_bytes));
+                    self.capture = Some(CaptureBuf::from_bytes(
+                        status,
+                        &headers,
+                        cfg.max_capture_bytes,
+                    ));
                 }
-                if end_of_stream {
+                // ngx_wasm_module passes end_of_stream = 1 here whatever follows: only
+                // Envoy's flag means that no body comes.
+                if end_of_stream && self.host.response_headers_eos_means_no_body() {
                     return self.finish(&cfg, true, true);
                 }
                 Action::Continue

@@ -17,15 +17,16 @@ fn put(h: &mut Sha256, bytes: &[u8]) {
 }
 
 impl Fingerprint {
-    pub fn new(method: &str, path_with_query: &str, content_type: Option<&str>) -> Fingerprint {
+    /// From the request's bytes as sent (none of them need be UTF-8).
+    pub fn new(method: &[u8], path_with_query: &[u8], content_type: Option<&[u8]>) -> Fingerprint {
         let mut hasher = Sha256::new();
         put(&mut hasher, b"idempotency-fingerprint/1");
-        put(&mut hasher, method.as_bytes());
-        put(&mut hasher, path_with_query.as_bytes());
+        put(&mut hasher, method);
+        put(&mut hasher, path_with_query);
         match content_type {
             Some(ct) => {
                 hasher.update([1]);
-                put(&mut hasher, ct.trim().as_bytes());
+                put(&mut hasher, ct.trim_ascii());
             }
             None => hasher.update([0]),
         }
@@ -67,7 +68,7 @@ mod tests {
     use super::*;
 
     fn fp(method: &str, path: &str, ct: Option<&str>, chunks: &[&[u8]]) -> String {
-        let mut f = Fingerprint::new(method, path, ct);
+        let mut f = Fingerprint::new(method.as_bytes(), path.as_bytes(), ct.map(str::as_bytes));
         for c in chunks {
             f.update(c);
         }

@@ -39,6 +39,13 @@ impl Host {
         self == Host::Envoy
     }
 
+    /// Whether `end_of_stream` in `on_http_response_headers` means that no body follows. Not
+    /// on ngx_wasm_module, which always passes 1 there (`NGX_HTTP_PROXY_WASM_EOF`), nor on an
+    /// unknown host: the response then ends in a body callback or in `on_log`.
+    pub fn response_headers_eos_means_no_body(self) -> bool {
+        self == Host::Envoy
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Host::Ngx => "ngx_wasm_module",
@@ -81,5 +88,8 @@ mod tests {
         assert!(Host::Envoy.pause_headers_for_body());
         assert!(!Host::Ngx.pause_headers_for_body());
         assert!(!Host::Unknown.pause_headers_for_body());
+        assert!(Host::Envoy.response_headers_eos_means_no_body());
+        assert!(!Host::Ngx.response_headers_eos_means_no_body());
+        assert!(!Host::Unknown.response_headers_eos_means_no_body());
     }
 }

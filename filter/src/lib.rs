@@ -20,6 +20,7 @@
 //! - [`problem`]: the RFC 9457 answers of the filter and their stable types.
 //! - [`queue`]: the bounded deferred record/release queue, retries with backoff.
 //! - [`metrics`]: counter names. [`host`]: host detection and what follows from it.
+//! - [`pairs`]: header maps as bytes, decoded without the SDK's `unwrap`s.
 //!
 //! The proxy-wasm layer, thin: [`root`] (configuration, tick, the queue's calls), [`filter`]
 //! (the HTTP context), [`shared`] (module memory shared by both: queue, metric ids, host).
@@ -31,8 +32,14 @@
 //! - No call in flight past the end of its request on Kong: the request is paused on every
 //!   call its context makes there; every call that may outlive a request is the root's.
 //! - No panic on any input: no `unwrap`, `expect`, indexing or unchecked arithmetic on
-//!   untrusted data (clippy denies the first three outside tests). A panic is a trap, and on
-//!   Kong a trap resets the instance of the worker (all its requests, the queue).
+//!   untrusted data (clippy denies the first three outside tests); header maps are read as
+//!   bytes ([`pairs`]), never through the SDK's `get_map`, which unwraps UTF-8. A panic is a
+//!   trap, and on Kong a trap resets the instance of the worker (all its requests, the queue).
+//! - What identifies a request (scope, fingerprint) is hashed from the bytes the client sent.
+//! - Kong's end_of_stream is 1 in every header callback: a body is expected from
+//!   `Content-Length` (a body of unknown length under `fingerprint` gets 411, since an empty
+//!   one would get no callback before the upstream), and the response ends in a body callback
+//!   or in `on_log`.
 //! - Bounded memory: per request at most one copy of the response within
 //!   `max_capture_bytes` (the request body is hashed, never kept); the queue within
 //!   `queue.max_entries` and `queue.max_bytes`.
@@ -57,6 +64,7 @@ pub mod fingerprint;
 pub mod host;
 pub mod key;
 pub mod metrics;
+pub mod pairs;
 pub mod problem;
 pub mod queue;
 pub mod replay;

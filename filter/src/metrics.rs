@@ -28,6 +28,8 @@ pub enum Metric {
     InvalidKey,
     /// A body over `max_request_body_bytes`, or spooled to disk: 413.
     TooLarge,
+    /// Kong: a body of unknown length (`Transfer-Encoding`) under `fingerprint`: 411.
+    LengthRequired,
     /// The backend failed and the request got 503 (`on_server_error: reject`).
     ServerError,
     /// The backend failed and the request went on without idempotency (`pass`).
@@ -43,7 +45,7 @@ pub enum Metric {
 }
 
 impl Metric {
-    pub const ALL: [Metric; 15] = [
+    pub const ALL: [Metric; 16] = [
         Metric::NoKey,
         Metric::Allocated,
         Metric::Replayed,
@@ -53,6 +55,7 @@ impl Metric {
         Metric::MissingKey,
         Metric::InvalidKey,
         Metric::TooLarge,
+        Metric::LengthRequired,
         Metric::ServerError,
         Metric::PassedOnError,
         Metric::Recorded,
@@ -76,6 +79,7 @@ impl Metric {
             Metric::MissingKey => "idempotency_requests_missing_key_total",
             Metric::InvalidKey => "idempotency_requests_invalid_key_total",
             Metric::TooLarge => "idempotency_requests_too_large_total",
+            Metric::LengthRequired => "idempotency_requests_length_required_total",
             Metric::ServerError => "idempotency_requests_server_error_total",
             Metric::PassedOnError => "idempotency_requests_passed_on_error_total",
             Metric::Recorded => "idempotency_recorded_total",

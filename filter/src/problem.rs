@@ -19,6 +19,10 @@ pub enum Kind {
     BodyTooLarge,
     /// 413: nginx spooled the body to a temporary file, which a filter cannot read.
     BodySpooled,
+    /// 411: Kong and a body of unknown length (`Transfer-Encoding`) under `fingerprint`:
+    /// ngx_wasm_module gives a filter no callback for an empty chunked body, so the body could
+    /// reach the upstream before the key is allocated.
+    LengthRequired,
     /// 422: the key was used with another request.
     Mismatch,
     /// 503: the backend did not answer usably (`on_server_error: reject`).
@@ -28,6 +32,7 @@ pub enum Kind {
 pub const MISSING_KEY: &str = "urn:idempotency:problem:missing-key";
 pub const INVALID_KEY: &str = "urn:idempotency:problem:invalid-key";
 pub const BODY_SPOOLED: &str = "urn:idempotency:problem:body-spooled";
+pub const LENGTH_REQUIRED: &str = "urn:idempotency:problem:length-required";
 pub const BACKEND_UNAVAILABLE: &str = "urn:idempotency:problem:backend-unavailable";
 
 impl Kind {
@@ -35,6 +40,7 @@ impl Kind {
         match self {
             Kind::MissingKey | Kind::InvalidKey => 400,
             Kind::Conflict => 409,
+            Kind::LengthRequired => 411,
             Kind::BodyTooLarge | Kind::BodySpooled => 413,
             Kind::Mismatch => 422,
             Kind::ServerError => 503,
@@ -48,6 +54,7 @@ impl Kind {
             Kind::Conflict => problem_type::IN_FLIGHT,
             Kind::BodyTooLarge => problem_type::PAYLOAD_TOO_LARGE,
             Kind::BodySpooled => BODY_SPOOLED,
+            Kind::LengthRequired => LENGTH_REQUIRED,
             Kind::Mismatch => problem_type::FINGERPRINT_MISMATCH,
             Kind::ServerError => BACKEND_UNAVAILABLE,
         }
@@ -60,6 +67,7 @@ impl Kind {
             Kind::Conflict => "Request with this idempotency key in progress",
             Kind::BodyTooLarge => "Request body too large",
             Kind::BodySpooled => "Request body buffered to disk",
+            Kind::LengthRequired => "Request body length required",
             Kind::Mismatch => "Idempotency key reused with another request",
             Kind::ServerError => "Idempotency backend unavailable",
         }
@@ -141,6 +149,7 @@ mod tests {
             (Kind::InvalidKey, 400),
             (Kind::BodyTooLarge, 413),
             (Kind::BodySpooled, 413),
+            (Kind::LengthRequired, 411),
             (Kind::Mismatch, 422),
             (Kind::ServerError, 503),
         ] {

@@ -74,6 +74,9 @@ pub fn from_capture(
                 && (replay_header.is_empty() || !n.eq_ignore_ascii_case(replay_header))
                 && crate::config::is_token(n)
         })
+        // A value a host could not send as is (CR, LF, NUL or another control character)
+        // never left an upstream through a proxy: such an entry is not replayed.
+        .filter(|(_, v)| v.bytes().all(|b| b == b'\t' || (b >= 0x20 && b != 0x7f)))
         .map(|(n, v)| (n.to_string(), v.to_string()))
         .collect();
     if !replay_header.is_empty() {
@@ -261,6 +264,23 @@ mod tests {
                 .iter()
                 .any(|(n, v)| n == "Idempotent-Replayed" && v == "false")
         );
+    }
+
+    #[test]
+    fn header_values_with_control_characters_are_not_replayed() {
+        let mut c = capture(b"x");
+        c.response_headers = vec![
+            Header {
+                key: "x-ok".into(),
+                value: HeaderValue::One("a\tb".into()),
+            },
+            Header {
+                key: "x-split".into(),
+                value: HeaderValue::One("a\r\nset-cookie: evil=1".into()),
+            },
+        ];
+        let r = from_capture(&c, &[], "").unwrap();
+        assert_eq!(r.headers, h(&[("x-ok", "a\tb")]));
     }
 
     #[test]

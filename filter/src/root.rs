@@ -31,7 +31,8 @@ impl Context for Root {
         _body: usize,
         _trailers: usize,
     ) {
-        let headers = hostcalls::get_map(MapType::HttpCallResponseHeaders).unwrap_or_default();
+        let headers =
+            crate::pairs::lossy(crate::shared::header_map(MapType::HttpCallResponseHeaders));
         let answer = CallAnswer::from_headers(&headers, Vec::new());
         let now = now_ms();
         if let Some(settled) = with_queue(|q| q.answered(token, answer.status, now)) {

@@ -9,14 +9,15 @@
 
 use sha2::{Digest, Sha256};
 
-/// What the scope is computed from.
+/// What the scope is computed from: the bytes as the client sent them (a header value need
+/// not be UTF-8, and two different byte strings must never make the same scope).
 pub struct ScopeInput<'a> {
-    pub method: &'a str,
-    pub host: &'a str,
+    pub method: &'a [u8],
+    pub host: &'a [u8],
     /// The request path, with or without a query (the query is dropped).
-    pub path: &'a str,
+    pub path: &'a [u8],
     /// Every request header (name, value); names are matched case-insensitively.
-    pub headers: &'a [(String, String)],
+    pub headers: &'a [(Vec<u8>, Vec<u8>)],
 }
 
 fn put(h: &mut Sha256, bytes: &[u8]) {
@@ -25,8 +26,8 @@ fn put(h: &mut Sha256, bytes: &[u8]) {
 }
 
 /// The path without its query.
-pub fn path_without_query(path: &str) -> &str {
-    path.split_once('?').map_or(path, |(p, _)| p)
+pub fn path_without_query(path: &[u8]) -> &[u8] {
+    path.split(|&b| b == b'?').next().unwrap_or(path)
 }
 
 /// The scope digest.
@@ -35,22 +36,22 @@ pub fn digest(route: bool, header_names: &[String], input: &ScopeInput<'_>) -> [
     put(&mut h, b"idempotency-scope/1");
     if route {
         put(&mut h, b"route");
-        put(&mut h, input.method.as_bytes());
-        put(&mut h, input.host.to_ascii_lowercase().as_bytes());
-        put(&mut h, path_without_query(input.path).as_bytes());
+        put(&mut h, input.method);
+        put(&mut h, &input.host.to_ascii_lowercase());
+        put(&mut h, path_without_query(input.path));
     }
     for name in header_names {
         put(&mut h, b"header");
         put(&mut h, name.as_bytes());
-        let values: Vec<&str> = input
+        let values: Vec<&[u8]> = input
             .headers
             .iter()
-            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, v)| v.as_slice())
             .collect();
         h.update((values.len() as u64).to_be_bytes());
         for v in values {
-            put(&mut h, v.as_bytes());
+            put(&mut h, v);
         }
     }
     h.finalize().into()
@@ -60,10 +61,10 @@ pub fn digest(route: bool, header_names: &[String], input: &ScopeInput<'_>) -> [
 mod tests {
     use super::*;
 
-    fn hdrs(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    fn hdrs(pairs: &[(&str, &str)]) -> Vec<(Vec<u8>, Vec<u8>)> {
         pairs
             .iter()
-            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .map(|(a, b)| (a.as_bytes().to_vec(), b.as_bytes().to_vec()))
             .collect()
     }
 
@@ -81,9 +82,9 @@ mod tests {
             route,
             &names,
             &ScopeInput {
-                method,
-                host,
-                path,
+                method: method.as_bytes(),
+                host: host.as_bytes(),
+                path: path.as_bytes(),
                 headers: &headers,
             },
         )
@@ -141,6 +142,27 @@ mod tests {
             d(false, &[], "POST", "h", "/a", &[]),
             d(false, &[], "PATCH", "h2", "/b", &[])
         );
+    }
+
+    #[test]
+    fn values_are_bytes_not_text() {
+        // Two values that are not UTF-8 and would read the same decoded lossily.
+        let names = vec!["authorization".to_string()];
+        let scope = |v: &[u8]| {
+            let headers = vec![(b"authorization".to_vec(), v.to_vec())];
+            digest(
+                true,
+                &names,
+                &ScopeInput {
+                    method: b"POST",
+                    host: b"h",
+                    path: b"/p",
+                    headers: &headers,
+                },
+            )
+        };
+        assert_ne!(scope(b"Bearer \xe9"), scope(b"Bearer \xe8"));
+        assert_eq!(path_without_query(b"/a\xff?q"), b"/a\xff");
     }
 
     #[test]

@@ -5,11 +5,12 @@
 use std::cell::{Cell, RefCell};
 
 use proxy_wasm::hostcalls;
-use proxy_wasm::types::{LogLevel, MetricType};
+use proxy_wasm::types::{LogLevel, MapType, MetricType};
 
 use crate::config::QueueConfig;
 use crate::host::Host;
 use crate::metrics::Metric;
+use crate::pairs::Pairs;
 use crate::queue::{Entry, Queue};
 
 thread_local! {
@@ -75,6 +76,40 @@ pub fn host() -> Host {
     HOST.with(|c| c.set(Some(h)));
     log(LogLevel::Info, &format!("host detected: {}", h.name()));
     h
+}
+
+#[cfg(target_arch = "wasm32")]
+#[link(wasm_import_module = "env")]
+unsafe extern "C" {
+    fn proxy_get_header_map_pairs(
+        map_type: u32,
+        return_map_data: *mut *mut u8,
+        return_map_size: *mut usize,
+    ) -> u32;
+}
+
+/// A header map, names and values as bytes (see [`crate::pairs`]): empty when the host has
+/// none here or its answer is malformed.
+#[cfg(target_arch = "wasm32")]
+pub fn header_map(map: MapType) -> Pairs {
+    let mut data: *mut u8 = std::ptr::null_mut();
+    let mut size: usize = 0;
+    // SAFETY: the host writes a buffer it allocated through the SDK's
+    // `proxy_on_memory_allocate` (a boxed slice of exactly `size` bytes), which this function
+    // then owns and frees, as the SDK's own `get_map` does.
+    let bytes = unsafe {
+        if proxy_get_header_map_pairs(map as u32, &mut data, &mut size) != 0 || data.is_null() {
+            return Vec::new();
+        }
+        Vec::from_raw_parts(data, size, size)
+    };
+    crate::pairs::decode(&bytes).unwrap_or_default()
+}
+
+/// Natively (the unit tests) there is no host.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn header_map(_map: MapType) -> Pairs {
+    Vec::new()
 }
 
 /// Milliseconds since the epoch, from the host's clock (0 when it has none).

@@ -6,7 +6,8 @@ use std::net::SocketAddr;
 
 use anyhow::{Result, anyhow};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
@@ -50,13 +51,29 @@ pub struct ClientRequest {
     addr: SocketAddr,
     method: String,
     path: String,
-    headers: Vec<(String, String)>,
+    headers: Vec<(String, Vec<u8>)>,
     body: Vec<u8>,
+    /// Send the body with `Transfer-Encoding: chunked`, in pieces of this size.
+    chunked: Option<usize>,
 }
 
 impl ClientRequest {
+    /// Sends the body with `Transfer-Encoding: chunked` (no Content-Length), written in
+    /// pieces of `piece` bytes; an empty body is then the last chunk alone.
+    pub fn chunked(mut self, piece: usize) -> Self {
+        self.chunked = Some(piece.max(1));
+        self
+    }
+
     pub fn header(mut self, name: &str, value: impl Into<String>) -> Self {
-        self.headers.push((name.to_string(), value.into()));
+        self.headers
+            .push((name.to_string(), value.into().into_bytes()));
+        self
+    }
+
+    /// A header whose value is raw bytes (not necessarily UTF-8: obs-text).
+    pub fn header_bytes(mut self, name: &str, value: &[u8]) -> Self {
+        self.headers.push((name.to_string(), value.to_vec()));
         self
     }
 
@@ -84,9 +101,21 @@ impl ClientRequest {
             builder = builder.header("host", self.addr.to_string());
         }
         for (k, v) in &self.headers {
-            builder = builder.header(k.as_str(), v.as_str());
+            builder = builder.header(k.as_str(), hyper::header::HeaderValue::from_bytes(v)?);
         }
-        let request = builder.body(Full::new(Bytes::from(self.body)))?;
+        let body: BoxBody<Bytes, std::convert::Infallible> = match self.chunked {
+            None => Full::new(Bytes::from(self.body)).boxed(),
+            Some(piece) => {
+                builder = builder.header("transfer-encoding", "chunked");
+                let frames: std::collections::VecDeque<Bytes> = self
+                    .body
+                    .chunks(piece)
+                    .map(Bytes::copy_from_slice)
+                    .collect();
+                StreamBody::new(Pieces(frames)).boxed()
+            }
+        };
+        let request = builder.body(body)?;
         let response = sender.send_request(request).await?;
         let status = response.status();
         let reason = match response.extensions().get::<hyper::ext::ReasonPhrase>() {
@@ -121,22 +150,36 @@ impl ClientRequest {
     /// Sends the request bytes and closes the connection at once (the client goes
     /// away before the answer).
     pub async fn send_and_disconnect(self) -> Result<()> {
+        drop(self.send_and_hold().await?);
+        Ok(())
+    }
+
+    /// Sends the request bytes and keeps the connection open without reading the answer;
+    /// dropping the returned connection closes it (the client goes away when the test says).
+    pub async fn send_and_hold(self) -> Result<HeldConnection> {
         let mut stream = TcpStream::connect(self.addr).await?;
-        let mut raw = format!(
+        let mut bytes = format!(
             "{} {} HTTP/1.1\r\nhost: {}\r\n",
             self.method, self.path, self.addr
-        );
+        )
+        .into_bytes();
         for (k, v) in &self.headers {
-            raw.push_str(&format!("{k}: {v}\r\n"));
+            bytes.extend_from_slice(k.as_bytes());
+            bytes.extend_from_slice(b": ");
+            bytes.extend_from_slice(v);
+            bytes.extend_from_slice(b"\r\n");
         }
-        raw.push_str(&format!("content-length: {}\r\n\r\n", self.body.len()));
-        let mut bytes = raw.into_bytes();
+        bytes.extend_from_slice(format!("content-length: {}\r\n\r\n", self.body.len()).as_bytes());
         bytes.extend_from_slice(&self.body);
         stream.write_all(&bytes).await?;
         stream.flush().await?;
-        Ok(())
+        Ok(HeldConnection(stream))
     }
 }
+
+/// A connection whose request was sent and whose answer is never read; dropping it closes
+/// the connection.
+pub struct HeldConnection(#[allow(dead_code)] TcpStream);
 
 /// A client of one host (or any HTTP/1.1 server).
 #[derive(Clone, Debug)]
@@ -156,6 +199,7 @@ impl Client {
             path: path.to_string(),
             headers: Vec::new(),
             body: Vec::new(),
+            chunked: None,
         }
     }
 
@@ -165,5 +209,18 @@ impl Client {
 
     pub async fn post(&self, path: &str, body: impl Into<Vec<u8>>) -> Result<ClientResponse> {
         self.request("POST", path).body(body).send().await
+    }
+}
+
+/// Body pieces as a stream of frames (each ready at once).
+struct Pieces(std::collections::VecDeque<Bytes>);
+
+impl futures_core::Stream for Pieces {
+    type Item = Result<hyper::body::Frame<Bytes>, std::convert::Infallible>;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        std::task::Poll::Ready(self.0.pop_front().map(|b| Ok(hyper::body::Frame::data(b))))
     }
 }

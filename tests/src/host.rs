@@ -143,6 +143,24 @@ impl HostBuilder {
     }
 }
 
+/// The context of the error [`HostBuilder::start`] returns when the module fails to load:
+/// the log lines written until then (the filter's own explanation of a refused
+/// configuration, for example). Read it with `err.downcast_ref::<LoadFailure>()`.
+#[derive(Debug, Clone)]
+pub struct LoadFailure {
+    pub logs: Vec<LogLine>,
+}
+
+impl std::fmt::Display for LoadFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the module failed to load ({} log lines)",
+            self.logs.len()
+        )
+    }
+}
+
 /// Counts the work in flight, for [`Host::settle`].
 #[derive(Default)]
 pub struct Pending {
@@ -353,7 +371,8 @@ impl Host {
             .map_err(|_| anyhow!("the worker thread died"))?
         {
             let _ = thread.join();
-            return Err(e);
+            let logs = observed.lock().unwrap().logs.clone();
+            return Err(e.context(LoadFailure { logs }));
         }
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;

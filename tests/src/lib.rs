@@ -54,21 +54,75 @@
 //! | failed call | `on_http_call_response(0 headers)`, `:dispatch_status` = `timeout` / `broken connection` / `resolver failure` | refused → 503, time-out → 504 (router replies); reset after headers → 0 headers, `proxy_get_status` = (11, `reset`) | Kong/ngx_wasm_module#625; Envoy context.cc `onHttpCallFailure`, envoyproxy/envoy#27311 |
 //! | call in flight when its request ends | fatal violation (the worker crashes) | cancelled silently | HOSTS.md (observed 3/3); Envoy cancels `http_request_` |
 //! | trap (any host error or Rust panic) | instance discarded; its client gets 500; other in-flight requests of it fail (500, or a broken response) at their next step, without callbacks; the next request gets a new instance (`on_vm_start`/`on_configure` again, globals lost) | VM failed for good: this and every stream get 503 (`wasm_fail_stream`), or pass without the filter when `fail_open` | HOSTS.md; ngx_proxy_wasm.c (`instance->trapped` → `ERR_INSTANCE_TRAPPED`); proxy-wasm-cpp-host `CHECK_FAIL_HTTP` / Envoy `failStream` |
-//! | request body | whole, once, end_of_stream true; past `client_body_buffer_size` (8k) the filter sees none (error logged when read) while the upstream gets it all | chunks as they come (the test chooses the size); Pause = StopIterationAndBuffer, past `buffer_limit` (1 MiB) → 413 | HOSTS.md; ngx_proxy_wasm_host.c `get_buffer` |
+//! | header callbacks' end_of_stream | 1 for request and response headers, whatever follows | true when nothing follows | ngx_http_proxy_wasm.c (`NGX_HTTP_PROXY_WASM_EOF`); Envoy context.cc `decodeHeaders`/`encodeHeaders` |
+//! | request body | whole, once, end_of_stream true, and only when non-empty (an empty or `Content-Length: 0` body, an empty chunked one: no call); past `client_body_buffer_size` (8k) the call carries the size but the bytes cannot be read (error logged) while the upstream gets them all | chunks as they come (the test chooses the size), an empty chunked body is one empty call with end_of_stream; Pause = StopIterationAndBuffer, past `buffer_limit` (1 MiB) → 413 | HOSTS.md; ngx_http_proxy_wasm.c `on_request_body_handler` (`if (len)`); ngx_proxy_wasm_host.c `get_buffer` |
 //! | when the upstream is asked | after the body was read | as soon as the request headers continue, body streamed as released | nginx proxy_request_buffering; Envoy router |
 //! | Pause in request headers | until `resume_http_request` | same; body still reaches the filter meanwhile | HOSTS.md; Envoy filter manager |
 //! | Pause in response headers | ignored, warning logged | stops until `resume_http_response` | HOSTS.md |
 //! | resume in response phases | does nothing | resumes | HOSTS.md |
 //! | Pause in response body | buffering up to `wasm_response_body_buffers` (4 × 4k); on overflow the buffer goes out and buffering stops | StopIterationAndBuffer up to `buffer_limit`; past it 500 if the headers are not sent, else reset | HOSTS.md |
-//! | response end_of_stream | with Content-Length on the chunk that completes it, but never after a buffers overflow (on_log still runs); chunked: a final empty call | Content-Length: on the last chunk; chunked: a final empty call | HOSTS.md (observed) |
+//! | response end_of_stream | with Content-Length only on a call that carries the whole body (`chunk_len == content_length`): a body in several calls, or after a buffers overflow, never gets it (on_log still runs); `Content-Length: 0` and chunked: a final empty call | Content-Length: on the last chunk; chunked: a final empty call | ngx_http_proxy_wasm.c `on_response_body`; HOSTS.md (observed) |
 //! | body changed after Content-Length went out | violation (the client hangs); remove `content-length` in response headers first → chunked | same (a broken response) | HOSTS.md |
-//! | local response | LF appended to a non-empty body; last of repeated headers wins; empty reason phrase; `on_http_response_headers` runs for it; in response headers it replaces status and body only | body as given, repeated headers kept, canonical reason; runs the response callbacks too | HOSTS.md; Envoy `sendLocalReply` (addCopy) |
+//! | local response | stashed, flushed after the callback; LF appended to a non-empty body, Content-Length counting it (`Content-Length: 0` without a body); last of repeated headers wins; a non-empty body without Content-Type gets the default type (`text/plain`); empty reason phrase; the response callbacks run for it; in response headers it replaces status and body only | applied after the VM call; body as given, repeated headers kept (`addCopy`), content-length = body length, `text/plain` when no content-type, neither header without a body, canonical reason; the response (encoder) callbacks run too | HOSTS.md; ngx_http_wasm_local_response.c, ngx_proxy_wasm_host.c `send_local_response`; Envoy context.cc `sendLocalResponse`, utility.cc `prepareLocalReply` |
 //! | `set_tick_period` | once per root context (a second call traps); ignored from an HTTP context | may change; from an HTTP context it sets the root's | ngx_proxy_wasm_host.c `set_tick_period` |
 //! | shared data CAS 0 | succeeds only when the key does not exist | writes unconditionally | HOSTS.md |
 //! | `set_buffer` | `(0, 0, d)` prepends; otherwise body[..start] + d cut to `len` | start 0: drain `len`, prepend; start ≥ size: append; else BadArgument | HOSTS.md; ngx_proxy_wasm_host.c; cpp-host `copyFrom` |
 //! | client goes away | nothing stops: a pending call completes, its answer runs, the upstream is asked, on_log runs | the stream is reset: calls cancelled, upstream reset, on_done/on_log run | HOSTS.md (observed); Envoy stream reset |
 //! | end callbacks | on_log, on_done, on_delete | on_done, on_log, on_delete | ngx log then done steps; cpp-host onDestroy/log |
 //! | `on_configure` false | the load fails (Kong stops the worker) | the load fails | HOSTS.md |
+//!
+//! ## Checked against the hosts' source
+//!
+//! The facts the product filter relies on, read in the source (the `search` corpus: the
+//! versions of Kong/ngx_wasm_module with response buffering, as Kong 3.x embeds, and
+//! envoyproxy/envoy), each a rule in [`rules`] and a test in `tests/tests/fidelity.rs`:
+//!
+//! * **ngx end_of_stream of the header callbacks** — src/http/proxy_wasm/ngx_http_proxy_wasm.c:
+//!   `ngx_http_proxy_wasm_on_request_headers` and `…_on_response_headers` pass
+//!   `NGX_HTTP_PROXY_WASM_EOF` (1) as end_of_stream, unconditionally. A filter must decide
+//!   from `Content-Length`/`Transfer-Encoding` whether a body follows, and must not take the
+//!   response headers' flag as the end of the response.
+//! * **ngx on_request_body only for a non-empty body** — same file,
+//!   `ngx_http_proxy_wasm_on_request_body_handler`: returns when `request_body->bufs == NULL`,
+//!   and resumes the filters with the body only `if (len)`; a body in a temp file is announced
+//!   with `ngx_file_size` as `len`, and `get_buffer` then fails ("cannot read request body
+//!   buffered to file", src/common/proxy_wasm/ngx_proxy_wasm_host.c).
+//! * **ngx response end_of_stream** — `ngx_http_proxy_wasm_on_response_body`: with
+//!   `resp_content_length_n > 0`, `resp_chunk_eof = (resp_chunk_len == resp_content_length_n)`
+//!   and the call is made only `if (resp_chunk_len || resp_chunk_eof)`; `resp_chunk_len` is the
+//!   size of this call's chain (src/http/ngx_http_wasm_filter_module.c,
+//!   `ngx_http_wasm_body_filter_resume`).
+//! * **ngx local response** — `ngx_proxy_wasm_hfuncs_send_local_response`
+//!   (ngx_proxy_wasm_host.c) stashes it (`ngx_http_wasm_stash_local_response`: the body copied
+//!   with an LF appended, its length counting the LF; allowed until the header filter ran, so
+//!   from on_request_headers, on_request_body and the call response); in the response headers
+//!   it replaces status and body only. `ngx_http_wasm_flush_local_response`
+//!   (src/http/ngx_http_wasm_local_response.c) sets each header with
+//!   `NGX_HTTP_WASM_HEADERS_SET` (the last of a repeated name wins), calls
+//!   `ngx_http_set_content_type` for a non-empty body (nginx's `default_type`, `text/plain`
+//!   unless configured) and sets Content-Length (0 without a body); it is flushed by the
+//!   content handler (`ngx_http_wasm_content`, before or after the ops, or from the write event
+//!   after a body read) and goes through the header and body filters, so the filter's
+//!   `on_http_response_headers`/`on_http_response_body` run for it.
+//! * **Envoy local reply** — source/extensions/common/wasm/context.cc `sendLocalResponse`:
+//!   `addAfterVmCallAction` (applied after the callback returns), headers added with `addCopy`
+//!   (repeats kept), `decoder_callbacks_->sendLocalReply`; source/common/http/utility.cc
+//!   `prepareLocalReply`: a non-empty body sets content-length to its size and content-type to
+//!   `text/plain` unless one is given; an empty body removes both. The filter manager encodes
+//!   the reply through the encoder filters, the Wasm filter's response callbacks included.
+//! * **Envoy failed calls** — context.cc `onHttpCallSuccess`/`onHttpCallFailure` and
+//!   source/common/http/async_client_impl.cc: the async client runs the router, whose local
+//!   replies (503 `upstream connect error or disconnect/reset before headers…` for a refused
+//!   or reset connection, 504 `upstream request timeout`) complete the request through
+//!   `onComplete` → `onSuccess`; only a reset after the headers is `onFailure(Reset)`: 0
+//!   headers, `proxy_get_status` = `BrokenConnection`/`reset`.
+//! * **Envoy resume** — a filter that paused its headers and buffered its body
+//!   (StopIterationAndBuffer) and then resumes sends the headers and the buffered body
+//!   together (`continueDecoding`).
+//!
+//! Not modelled (the product filter never relies on it): ngx does not call on_response_body
+//! while it buffers after a Pause there (it calls once, with the buffers, at their end or
+//! when they are full); this host calls it on each chunk with what is buffered.
 //!
 //! ## Properties (`proxy_get_property`)
 //!
@@ -152,8 +206,8 @@ pub mod traffic;
 pub mod upstream;
 pub mod wasi;
 
-pub use client::{Client, ClientRequest, ClientResponse};
-pub use host::{Host, HostBuilder, HostOptions};
+pub use client::{Client, ClientRequest, ClientResponse, HeldConnection};
+pub use host::{Host, HostBuilder, HostOptions, LoadFailure};
 pub use observed::{
     Fuel, Level, LogLine, Metric, MetricKind, RequestFuel, Source, Violation, ViolationKind,
 };

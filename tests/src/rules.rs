@@ -150,6 +150,59 @@ impl Mode {
         matches!(self, Mode::Ngx)
     }
 
+    /// The `end_of_stream` flag of `on_http_request_headers`. ngx passes 1 whatever follows
+    /// (`NGX_HTTP_PROXY_WASM_EOF` in `ngx_http_proxy_wasm_on_request_headers`,
+    /// src/http/proxy_wasm/ngx_http_proxy_wasm.c): a filter learns of a body from the
+    /// framing headers only. Envoy: true when no body follows (`decodeHeaders(end_stream)`).
+    pub fn request_headers_eos(self, has_body: bool) -> bool {
+        match self {
+            Mode::Ngx => true,
+            Mode::Envoy => !has_body,
+        }
+    }
+
+    /// Whether `on_http_request_body` is called for an empty body. ngx: no; its body handler
+    /// returns on `request_body->bufs == NULL` and calls the filter only `if (len)`
+    /// (`ngx_http_proxy_wasm_on_request_body_handler`, ngx_http_proxy_wasm.c), so a POST with
+    /// `Content-Length: 0` or an empty chunked body never reaches it. Envoy: an empty chunked
+    /// body ends with `decodeData(empty, end_stream = true)`.
+    pub fn request_body_call_when_empty(self) -> bool {
+        matches!(self, Mode::Envoy)
+    }
+
+    /// The `end_of_stream` flag of `on_http_response_headers`. ngx passes 1 whatever follows
+    /// (`NGX_HTTP_PROXY_WASM_EOF` in `ngx_http_proxy_wasm_on_response_headers`); Envoy: true
+    /// for a response without a body (`encodeHeaders(end_stream)`).
+    pub fn response_headers_eos(self, bodyless: bool) -> bool {
+        match self {
+            Mode::Ngx => true,
+            Mode::Envoy => bodyless,
+        }
+    }
+
+    /// ngx: the `end_of_stream` of a response body call on a response with a Content-Length
+    /// is `chunk_len == content_length` (`ngx_http_proxy_wasm_on_response_body`:
+    /// `resp_chunk_eof = (resp_chunk_len == resp_content_length_n)`), i.e. true only when one
+    /// call carries the whole body (a body in one piece, or buffered whole); a body in several
+    /// calls never gets end_of_stream, and the empty last buffer is not delivered
+    /// (`if (resp_chunk_len || resp_chunk_eof)`). Envoy: the chunk that completes the body.
+    pub fn response_eos_needs_whole_body(self) -> bool {
+        matches!(self, Mode::Ngx)
+    }
+
+    /// ngx: a local response with a non-empty body and no Content-Type gets nginx's
+    /// `default_type` (`ngx_http_set_content_type` in `ngx_http_wasm_flush_local_response`);
+    /// Envoy sets `text/plain` (`Utility::prepareLocalReply`). Both keep a given one.
+    pub fn local_response_default_content_type(self) -> &'static str {
+        "text/plain"
+    }
+
+    /// Envoy: a local reply with an empty body has neither `content-length` nor
+    /// `content-type` (`prepareLocalReply` removes both); ngx sets `Content-Length: 0`.
+    pub fn local_response_empty_body_strips_entity_headers(self) -> bool {
+        matches!(self, Mode::Envoy)
+    }
+
     /// Shared data `set` with CAS 0: ngx succeeds only when the key does not exist
     /// (ngx_wasm_shm_kv); Envoy writes unconditionally (HOSTS.md).
     pub fn cas_zero_requires_absent(self) -> bool {

@@ -486,7 +486,7 @@ impl Worker {
                     self.fail_dead(id);
                     return false;
                 }
-                let eos = !r.has_body;
+                let eos = self.mode.request_headers_eos(r.has_body);
                 let n = self
                     .stream(id)
                     .map(|s| s.request_headers.len())
@@ -513,9 +513,15 @@ impl Worker {
                 }
                 let r = self.reqs.get_mut(&id).unwrap();
                 let was_headers = r.req_stage == ReqStage::PausedHeaders;
+                let buffered = r.req_buffering;
                 if was_headers {
                     r.req_stage = ReqStage::Body;
                     self.headers_continued(id);
+                    if buffered && self.mode == Mode::Envoy {
+                        // continueDecoding resumes the whole chain: the headers, then the
+                        // body buffered meanwhile (StopIterationAndBuffer), with its end.
+                        self.body_continued(id);
+                    }
                 } else {
                     self.body_continued(id);
                 }
@@ -629,15 +635,25 @@ impl Worker {
             }
         };
         r.req_eos_delivered = eos;
+        if chunk.is_empty() && eos && !self.mode.request_body_call_when_empty() {
+            // ngx: no on_http_request_body for an empty body; the request goes on.
+            self.with_stream(id, |s| s.request_body.clear());
+            self.body_continued(id);
+            return true;
+        }
         let buffering = r.req_buffering;
         let mode = self.mode;
         let limit = self.opts.client_body_buffer_size;
+        let chunk_len = chunk.len();
         let size = self
             .with_stream(id, |s| {
                 if mode == Mode::Ngx && chunk.len() > limit {
-                    // nginx spooled the body to a temp file: the filter sees none.
+                    // nginx spooled the body to a temp file: the filter is told its size
+                    // (the file's, ngx_http_proxy_wasm_on_request_body_handler) but cannot
+                    // read it (get_buffer: "cannot read request body buffered to file").
                     s.request_body_spooled = true;
                     s.request_body.clear();
+                    return chunk_len;
                 } else if buffering {
                     s.request_body.extend_from_slice(&chunk);
                 } else {
@@ -832,7 +848,11 @@ impl Worker {
         // The response phases have begun (a local response now replaces this one).
         r.resp_stage = RespStage::Body;
         let ctx = r.ctx;
-        let eos = r.resp_content_length == Some(0) && r.upstream_done && r.resp_pending.is_empty();
+        // No body follows: Content-Length 0, or a local reply without a body.
+        let bodyless = (r.resp_content_length == Some(0) || r.local)
+            && r.upstream_done
+            && r.resp_pending.is_empty();
+        let eos = self.mode.response_headers_eos(bodyless);
         let n = self
             .stream(id)
             .map(|s| s.response_headers.len())
@@ -843,7 +863,7 @@ impl Worker {
         };
         let r = self.reqs.get_mut(&id).unwrap();
         r.resp_stage = RespStage::Body;
-        if eos {
+        if bodyless && !self.mode.response_eos_needs_whole_body() {
             r.resp_eos_delivered = true;
         }
         match (action, self.mode.response_headers_pause()) {
@@ -988,25 +1008,28 @@ impl Worker {
             Some(n) => r.resp_pending.len() >= n || (r.upstream_done && !r.resp_pending.is_empty()),
             None => !r.resp_pending.is_empty(),
         };
+        let whole_body_eos = mode.response_eos_needs_whole_body();
         let (chunk, eos) = if ready {
             let n = chunk_size.unwrap_or(usize::MAX).min(r.resp_pending.len());
             let chunk: Vec<u8> = r.resp_pending.drain(..n).collect();
             r.resp_delivered += chunk.len() as u64;
-            // With a Content-Length the chunk that completes it carries end_of_stream;
-            // a chunked upstream ends with a separate empty call.
+            // Envoy: with a Content-Length the chunk that completes it carries
+            // end_of_stream. ngx: only a call carrying the whole body does (decided below,
+            // on the size the call gets). A chunked upstream ends with an empty call.
             let eos = match cl {
-                Some(cl) => r.resp_delivered >= cl && !r.resp_overflowed,
-                None => false,
+                Some(cl) if !whole_body_eos => r.resp_delivered >= cl && !r.resp_overflowed,
+                _ => false,
             };
             (chunk, eos)
         } else if r.upstream_done {
-            let withheld = mode == Mode::Ngx && r.resp_overflowed && cl.is_some();
+            let withheld = mode == Mode::Ngx && cl.is_some_and(|cl| cl > 0);
             if withheld
                 || (cl.is_some() && r.resp_delivered >= cl.unwrap_or(0) && r.resp_delivered > 0)
             {
-                // ngx: the Content-Length response overflowed the buffers: the
-                // end_of_stream call never comes (observed); what is buffered goes
-                // out and on_log still runs.
+                // ngx, Content-Length: the empty last buffer is never delivered, so no
+                // end_of_stream call comes unless one call carried the whole body (after a
+                // buffers overflow it never does, observed); what is buffered goes out and
+                // on_log still runs.
                 r.resp_eos_delivered = true;
                 if withheld {
                     r.resp_buffering = false;
@@ -1026,7 +1049,6 @@ impl Worker {
             return false;
         }
         let r = self.reqs.get_mut(&id).unwrap();
-        r.resp_eos_delivered = eos;
         let ctx = r.ctx;
         let buffering = r.resp_buffering;
         let size = self
@@ -1039,6 +1061,12 @@ impl Worker {
                 s.response_body.len()
             })
             .unwrap_or(0);
+        let r = self.reqs.get_mut(&id).unwrap();
+        let eos = eos
+            || (whole_body_eos
+                && !r.resp_overflowed
+                && cl.is_some_and(|cl| cl > 0 && size as u64 == cl));
+        r.resp_eos_delivered = eos;
         if mode == Mode::Envoy && size > self.opts.buffer_limit {
             let head_sent = self.reqs.get(&id).is_some_and(|r| r.head_sent);
             if head_sent {
@@ -1400,9 +1428,15 @@ impl Worker {
             headers.push((k, v));
         }
         abi::remove(&mut headers, "content-length");
-        headers.push(("content-length".into(), body.len().to_string().into_bytes()));
-        if mode == Mode::Envoy && !body.is_empty() && abi::get(&headers, "content-type").is_none() {
-            headers.push(("content-type".into(), b"text/plain".to_vec()));
+        if body.is_empty() && mode.local_response_empty_body_strips_entity_headers() {
+            // Envoy: prepareLocalReply removes both from a body-less reply.
+            abi::remove(&mut headers, "content-type");
+        } else {
+            headers.push(("content-length".into(), body.len().to_string().into_bytes()));
+        }
+        if !body.is_empty() && abi::get(&headers, "content-type").is_none() {
+            let default = mode.local_response_default_content_type();
+            headers.push(("content-type".into(), default.as_bytes().to_vec()));
         }
         self.synthetic_response(id, status, headers, body);
     }

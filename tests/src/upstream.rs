@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -28,6 +29,9 @@ pub struct Reply {
     pub chunked: Option<usize>,
     /// Never answer (for time-outs); the connection stays open.
     pub hang: bool,
+    /// Announce the whole body's Content-Length, send this many bytes, then break the
+    /// connection (an upstream that fails mid-response).
+    pub truncate: Option<usize>,
 }
 
 impl Reply {
@@ -39,6 +43,7 @@ impl Reply {
             delay: Duration::ZERO,
             chunked: None,
             hang: false,
+            truncate: None,
         }
     }
 
@@ -68,6 +73,13 @@ impl Reply {
     /// Chunked transfer encoding, the body written in pieces of `piece` bytes.
     pub fn chunked(mut self, piece: usize) -> Reply {
         self.chunked = Some(piece.max(1));
+        self
+    }
+
+    /// Sends Content-Length for the whole body but only its first `sent` bytes, then breaks
+    /// the connection.
+    pub fn truncate(mut self, sent: usize) -> Reply {
+        self.truncate = Some(sent);
         self
     }
 
@@ -101,12 +113,15 @@ impl Seen {
 struct State {
     replies: HashMap<String, Reply>,
     seen: Vec<Seen>,
+    /// Paths whose answers wait for [`Upstream::release`].
+    held: std::collections::HashSet<String>,
 }
 
 /// The counting upstream.
 pub struct Upstream {
     addr: SocketAddr,
     state: Arc<Mutex<State>>,
+    gate: Arc<tokio::sync::Notify>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -118,16 +133,36 @@ impl Upstream {
             .expect("binding the upstream");
         let addr = listener.local_addr().expect("upstream address");
         let state = Arc::new(Mutex::new(State::default()));
-        let task = tokio::spawn(serve(listener, state.clone()));
-        Upstream { addr, state, task }
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let task = tokio::spawn(serve(listener, state.clone(), gate.clone()));
+        Upstream {
+            addr,
+            state,
+            gate,
+            task,
+        }
+    }
+
+    /// Holds the answers for a path (query ignored), or for one method on it
+    /// (`"POST /path"`): its requests are counted when their body is received, then wait
+    /// until [`Upstream::release`] (with the same string).
+    pub fn hold(&self, path: &str) {
+        self.state.lock().unwrap().held.insert(path.to_string());
+    }
+
+    /// Lets the held requests of a path (and later ones) be answered.
+    pub fn release(&self, path: &str) {
+        self.state.lock().unwrap().held.remove(path);
+        self.gate.notify_waiters();
     }
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
 
-    /// Scripts the answer for a path (without query); it stays until replaced. Other
-    /// paths get `200 upstream <method> <path> #<n>`.
+    /// Scripts the answer for a path (without query), or for one method on it
+    /// (`"PUT /path"`, which comes first); it stays until replaced. Other paths get
+    /// `200 upstream <method> <path> #<n>`.
     pub fn reply(&self, path: &str, reply: Reply) {
         self.state
             .lock()
@@ -168,16 +203,18 @@ impl Drop for Upstream {
     }
 }
 
-type Body = BoxBody<Bytes, Infallible>;
+type Body = BoxBody<Bytes, std::io::Error>;
 
-async fn serve(listener: TcpListener, state: Arc<Mutex<State>>) {
+async fn serve(listener: TcpListener, state: Arc<Mutex<State>>, gate: Arc<tokio::sync::Notify>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
         let state = state.clone();
+        let gate = gate.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| handle(req, state.clone()));
+            let service =
+                hyper::service::service_fn(move |req| handle(req, state.clone(), gate.clone()));
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
                 .await;
@@ -188,11 +225,12 @@ async fn serve(listener: TcpListener, state: Arc<Mutex<State>>) {
 async fn handle(
     req: Request<Incoming>,
     state: Arc<Mutex<State>>,
+    gate: Arc<tokio::sync::Notify>,
 ) -> Result<Response<Body>, Infallible> {
     let (parts, body) = req.into_parts();
     let body = match body.collect().await {
         Ok(b) => b.to_bytes().to_vec(),
-        Err(_) => return Ok(Response::new(http_body_util::Empty::new().boxed())),
+        Err(_) => return Ok(Response::new(empty())),
     };
     let path = parts
         .uri
@@ -215,10 +253,24 @@ async fn handle(
         let n = state.seen.len();
         state
             .replies
-            .get(&bare)
+            .get(&format!("{} {bare}", parts.method))
+            .or_else(|| state.replies.get(&bare))
             .cloned()
             .unwrap_or_else(|| Reply::text(format!("upstream {} {} #{n}", parts.method, bare)))
     };
+    let with_method = format!("{} {bare}", parts.method);
+    loop {
+        let released = gate.notified();
+        tokio::pin!(released);
+        released.as_mut().enable();
+        {
+            let state = state.lock().unwrap();
+            if !state.held.contains(&bare) && !state.held.contains(&with_method) {
+                break;
+            }
+        }
+        released.await;
+    }
     if reply.hang {
         std::future::pending::<()>().await;
     }
@@ -229,23 +281,66 @@ async fn handle(
     for (k, v) in &reply.headers {
         builder = builder.header(k.as_str(), v.as_slice());
     }
-    let body: Body = match reply.chunked {
-        Some(piece) => {
-            let frames: Vec<Result<Frame<Bytes>, Infallible>> = reply
+    let body: Body = match (reply.truncate, reply.chunked) {
+        (Some(sent), _) => {
+            builder = builder.header("content-length", reply.body.len().to_string());
+            let head = Bytes::copy_from_slice(reply.body.get(..sent).unwrap_or(&reply.body));
+            http_body_util::StreamBody::new(Truncated {
+                head: Some(head),
+                pause: Box::pin(tokio::time::sleep(Duration::from_millis(50))),
+            })
+            .boxed()
+        }
+        (None, Some(piece)) => {
+            let frames: Vec<Result<Frame<Bytes>, std::io::Error>> = reply
                 .body
                 .chunks(piece)
                 .map(|c| Ok(Frame::data(Bytes::copy_from_slice(c))))
                 .collect();
             http_body_util::StreamBody::new(Iter(frames.into_iter())).boxed()
         }
-        None => {
+        (None, None) => {
             builder = builder.header("content-length", reply.body.len().to_string());
-            http_body_util::Full::new(Bytes::from(reply.body)).boxed()
+            http_body_util::Full::new(Bytes::from(reply.body))
+                .map_err(|never| match never {})
+                .boxed()
         }
     };
     Ok(builder
         .body(body)
-        .unwrap_or_else(|_| Response::new(http_body_util::Empty::new().boxed())))
+        .unwrap_or_else(|_| Response::new(empty())))
+}
+
+fn empty() -> Body {
+    http_body_util::Empty::new()
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// The first bytes of a body, then (once they went out) an error: hyper breaks the
+/// connection mid-body.
+struct Truncated {
+    head: Option<Bytes>,
+    pause: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl futures_core::Stream for Truncated {
+    type Item = Result<Frame<Bytes>, std::io::Error>;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        if let Some(head) = self.head.take() {
+            return std::task::Poll::Ready(Some(Ok(Frame::data(head))));
+        }
+        // Pending a moment, so that the head and the first bytes are flushed.
+        match self.pause.as_mut().poll(cx) {
+            std::task::Poll::Pending => std::task::Poll::Pending,
+            std::task::Poll::Ready(()) => {
+                std::task::Poll::Ready(Some(Err(std::io::Error::other("upstream broke mid-body"))))
+            }
+        }
+    }
 }
 
 /// An iterator as a stream (every item ready at once).

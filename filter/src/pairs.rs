@@ -1,0 +1,103 @@
+//! Header maps as bytes. The SDK's `get_map` and `get_map_bytes` turn names (and, for
+//! `get_map`, values) into `String` with `unwrap`: a header that is not UTF-8 (nginx accepts
+//! bytes above 0x7F in values, and in names with `ignore_invalid_headers off`) would panic,
+//! which is a trap that resets a Kong worker's instance or fails Envoy's VM for good. So the
+//! filter reads maps through [`crate::shared::header_map`], which decodes the host's
+//! serialization here, without assumptions: malformed input gives an empty map, never a panic.
+//!
+//! The serialization (proxy-wasm ABI): a `u32` count, then per pair two `u32` lengths (name,
+//! value), then per pair the name, a NUL, the value, a NUL; all little-endian.
+
+/// Header pairs, names and values as bytes.
+pub type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
+
+fn u32_at(bytes: &[u8], at: usize) -> Option<usize> {
+    let b: [u8; 4] = bytes.get(at..at.checked_add(4)?)?.try_into().ok()?;
+    usize::try_from(u32::from_le_bytes(b)).ok()
+}
+
+/// Decodes the host's serialization; `None` when it is malformed.
+pub fn decode(bytes: &[u8]) -> Option<Pairs> {
+    if bytes.is_empty() {
+        return Some(Vec::new());
+    }
+    let count = u32_at(bytes, 0)?;
+    let mut data = count.checked_mul(8)?.checked_add(4)?;
+    if data > bytes.len() {
+        return None;
+    }
+    let mut out = Vec::with_capacity(count);
+    for i in 0..count {
+        let at = 4 + i * 8;
+        let name_len = u32_at(bytes, at)?;
+        let value_len = u32_at(bytes, at + 4)?;
+        let name = bytes.get(data..data.checked_add(name_len)?)?;
+        data = data.checked_add(name_len)?.checked_add(1)?;
+        let value = bytes.get(data..data.checked_add(value_len)?)?;
+        data = data.checked_add(value_len)?.checked_add(1)?;
+        out.push((name.to_vec(), value.to_vec()));
+    }
+    Some(out)
+}
+
+/// The first value of a header (names compared case-insensitively).
+pub fn get<'a>(pairs: &'a [(Vec<u8>, Vec<u8>)], name: &str) -> Option<&'a [u8]> {
+    pairs
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+        .map(|(_, v)| v.as_slice())
+}
+
+/// The pairs as text, invalid UTF-8 replaced: for statuses and comparisons only, never for
+/// anything hashed or stored.
+pub fn lossy(pairs: Pairs) -> Vec<(String, String)> {
+    pairs.into_iter().map(|(n, v)| (text(n), text(v))).collect()
+}
+
+fn text(b: Vec<u8>) -> String {
+    String::from_utf8(b).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encode(pairs: &[(&[u8], &[u8])]) -> Vec<u8> {
+        let mut out = (pairs.len() as u32).to_le_bytes().to_vec();
+        for (n, v) in pairs {
+            out.extend_from_slice(&(n.len() as u32).to_le_bytes());
+            out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+        }
+        for (n, v) in pairs {
+            out.extend_from_slice(n);
+            out.push(0);
+            out.extend_from_slice(v);
+            out.push(0);
+        }
+        out
+    }
+
+    #[test]
+    fn decodes_bytes_that_are_not_utf8() {
+        let raw = encode(&[(b":path", b"/caf\xe9"), (b"x-\xff", b""), (b"a", b"b")]);
+        let p = decode(&raw).unwrap();
+        assert_eq!(p.len(), 3);
+        assert_eq!(get(&p, ":PATH"), Some(&b"/caf\xe9"[..]));
+        assert_eq!(p[1].0, b"x-\xff");
+        assert_eq!(get(&p, "a"), Some(&b"b"[..]));
+        assert_eq!(lossy(p)[0].1, "/caf\u{fffd}");
+        assert_eq!(decode(&[]), Some(vec![]));
+    }
+
+    #[test]
+    fn malformed_input_is_none_never_a_panic() {
+        let raw = encode(&[(b"name", b"value")]);
+        for cut in 0..raw.len() - 1 {
+            assert!(decode(&raw[..cut]).is_none() || cut == 0, "cut at {cut}");
+        }
+        assert!(decode(&[255, 255, 255, 255]).is_none());
+        let mut huge = raw.clone();
+        huge[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(decode(&huge).is_none());
+    }
+}

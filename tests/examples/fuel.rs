@@ -1,0 +1,111 @@
+//! The filter's cost per request in Wasm instructions (wasmtime fuel, as the test host counts
+//! it per callback), in both modes, for request and response bodies of 1 KiB and 64 KiB:
+//!
+//! ```sh
+//! cargo run -p idempotency-tests --example fuel
+//! ```
+//!
+//! Fuel counts the guest's instructions, so the figures do not depend on how the host itself
+//! was compiled (a debug build gives the same numbers as `--release`). Per scenario:
+//! - no key: a POST without `Idempotency-Key` (the filter only looks);
+//! - first: the allocation, the copy of the response and its record (on Kong the record is
+//!   sent from the root context's tick, whose cost is added);
+//! - replay: the retry, answered from the stored capture (fix-ups included);
+//! - conflict: a duplicate while the first is in flight (409).
+
+#[path = "../tests/filter/support.rs"]
+#[allow(unused_macros, unused_imports)]
+mod support;
+
+use std::time::Duration;
+
+use idempotency_tests::{Mode, Reply};
+use serde_json::json;
+use support::E2e;
+
+/// Fuel of the last request the host saw.
+fn last_request_fuel(t: &E2e) -> u64 {
+    t.host().fuel().requests.last().map_or(0, |r| r.fuel)
+}
+
+async fn measure(mode: Mode, size: usize) -> [u64; 4] {
+    // Kong: a body buffer as large as the bodies (README: nginx_http_client_body_buffer_size).
+    let t = E2e::setup(mode)
+        .config(json!({"max_request_body_bytes": 1 << 20}))
+        .host(|b| b.client_body_buffer_size(1 << 20))
+        .start()
+        .await;
+    let body: Vec<u8> = (0..size).map(|i| b'a' + (i % 26) as u8).collect();
+    t.api.reply(
+        "/orders",
+        Reply::new(201)
+            .header("content-type", "application/octet-stream")
+            .header("set-cookie", "a=1")
+            .header("set-cookie", "b=2")
+            .body(body.clone()),
+    );
+    // No key.
+    let r = t.post("/orders", None, body.clone()).send().await.unwrap();
+    assert_eq!(r.status, 201);
+    t.host().settle().await;
+    let no_key = last_request_fuel(&t);
+    // First request: allocate, copy, record (Kong: from the tick, in the root context).
+    let r = t.send("/orders", "\"bench-1\"", body.clone()).await;
+    assert_eq!(r.status, 201);
+    t.host().settle().await;
+    let http = last_request_fuel(&t);
+    let root_before = t.host().fuel().root;
+    t.tick().await;
+    let record_in_root = t.host().fuel().root - root_before;
+    let first = http + record_in_root;
+    // Replay.
+    let r = t.send("/orders", "\"bench-1\"", body.clone()).await;
+    assert_eq!(r.header("idempotent-replayed"), Some("true"));
+    t.host().settle().await;
+    let replay = last_request_fuel(&t);
+    // Conflict: a duplicate while the first is held in the upstream.
+    t.api.hold("/orders");
+    let holder = t.post("/orders", Some("\"bench-2\""), body.clone());
+    let holder = tokio::spawn(async move { holder.send().await.unwrap() });
+    support::eventually(
+        "the first is in the upstream",
+        Duration::from_secs(10),
+        || t.api.count("/orders") == 3,
+    )
+    .await;
+    let r = t.send("/orders", "\"bench-2\"", body.clone()).await;
+    assert_eq!(r.status, 409);
+    let conflict = last_request_fuel(&t);
+    if std::env::var_os("FUEL_PHASES").is_some() {
+        for r in t.host().fuel().requests {
+            eprintln!("{mode} {size} {} {:?}", r.fuel, r.by_phase);
+        }
+    }
+    t.api.release("/orders");
+    holder.await.unwrap();
+    t.finish().await;
+    [no_key, first, replay, conflict]
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    println!("Wasm instructions (fuel) per request, idempotency.wasm (--profile wasm)");
+    println!(
+        "{:<6} {:>6} {:>12} {:>14} {:>12} {:>12}",
+        "mode", "body", "no key", "first", "replay", "conflict"
+    );
+    for mode in [Mode::Ngx, Mode::Envoy] {
+        for (label, size) in [("1 KiB", 1024), ("64 KiB", 64 * 1024)] {
+            let [no_key, first, replay, conflict] = measure(mode, size).await;
+            println!(
+                "{:<6} {:>6} {:>12} {:>14} {:>12} {:>12}",
+                mode.name(),
+                label,
+                no_key,
+                first,
+                replay,
+                conflict
+            );
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! Concurrent duplicates: exactly one upstream execution; the others get 409, or with
+//! `conflict: wait` the first request's response.
+
+use std::time::Duration;
+
+use idempotency_tests::{ClientResponse, Mode, Reply};
+use serde_json::json;
+use tokio::task::JoinHandle;
+
+use crate::both_modes;
+use crate::support::{E2e, eventually, metric, problem, problem_of};
+
+const N: usize = 32;
+
+/// Sends `N` identical keyed requests at once.
+fn duplicates(t: &E2e) -> Vec<JoinHandle<ClientResponse>> {
+    (0..N)
+        .map(|_| {
+            let r = t.post("/transfers", Some("\"dup-1\""), "{\"amount\":100}");
+            tokio::spawn(async move { r.send().await.unwrap() })
+        })
+        .collect()
+}
+
+async fn thirty_two_concurrent_duplicates_execute_once_the_others_get_409(mode: Mode) {
+    let t = E2e::start(mode, json!({})).await;
+    t.api.reply(
+        "/transfers",
+        Reply::new(201)
+            .header("content-type", "application/json")
+            .body("{\"id\":7}"),
+    );
+    // The first request to get the key stays in the upstream until every other got its answer.
+    t.api.hold("/transfers");
+    let handles = duplicates(&t);
+    eventually(
+        "one execution, 31 conflicts",
+        Duration::from_secs(20),
+        || t.api.count("/transfers") == 1 && t.metric(metric::CONFLICT) == (N - 1) as i64,
+    )
+    .await;
+    t.api.release("/transfers");
+    let mut created = 0;
+    for h in handles {
+        let r = h.await.unwrap();
+        match r.status {
+            201 => {
+                created += 1;
+                assert_eq!(r.text(), "{\"id\":7}");
+            }
+            409 => {
+                assert_eq!(problem_of(&r), (problem::IN_FLIGHT.to_string(), 409));
+                let ra = r.header("retry-after").expect("Retry-After on 409");
+                assert!(
+                    !ra.is_empty() && ra.bytes().all(|b| b.is_ascii_digit()),
+                    "a number of seconds: {ra:?}"
+                );
+            }
+            s => panic!("unexpected status {s}: {}", r.text()),
+        }
+    }
+    assert_eq!(created, 1);
+    assert_eq!(
+        t.api.count("/transfers"),
+        1,
+        "exactly one upstream execution"
+    );
+    assert_eq!(t.metric(metric::ALLOCATED), 1);
+    // Recorded (inline on Envoy, from the tick on Kong): a retry replays it.
+    t.tick().await;
+    let retry = t.send("/transfers", "\"dup-1\"", "{\"amount\":100}").await;
+    assert_eq!((retry.status, retry.text().as_str()), (201, "{\"id\":7}"));
+    assert_eq!(retry.header("idempotent-replayed"), Some("true"));
+    assert_eq!(t.api.count("/transfers"), 1);
+    t.finish().await;
+}
+
+async fn with_conflict_wait_all_thirty_two_get_the_same_response(mode: Mode) {
+    let t = E2e::start(mode, json!({"conflict": "wait"})).await;
+    t.api.reply(
+        "/transfers",
+        Reply::new(201)
+            .header("content-type", "application/json")
+            .header("set-cookie", "s=1")
+            .header("set-cookie", "t=2")
+            .body("{\"id\":8}"),
+    );
+    t.api.hold("/transfers");
+    let handles = duplicates(&t);
+    eventually(
+        "the first reached the upstream",
+        Duration::from_secs(20),
+        || t.api.count("/transfers") == 1,
+    )
+    .await;
+    t.api.release("/transfers");
+    // Kong records from the tick: move the clock until every duplicate has its answer.
+    let start = std::time::Instant::now();
+    while !handles.iter().all(JoinHandle::is_finished) {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the duplicates never got an answer"
+        );
+        t.host().advance(t.tick).await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    for h in handles {
+        let r = h.await.unwrap();
+        assert_eq!((r.status, r.text().as_str()), (201, "{\"id\":8}"));
+        assert_eq!(r.header_all("set-cookie"), vec!["s=1", "t=2"]);
+    }
+    assert_eq!(
+        t.api.count("/transfers"),
+        1,
+        "exactly one upstream execution"
+    );
+    assert_eq!(t.metric(metric::ALLOCATED), 1);
+    assert_eq!(
+        t.metric(metric::WAITED) + t.metric(metric::REPLAYED),
+        (N - 1) as i64,
+        "the others waited for it (or came after it was stored)"
+    );
+    assert_eq!(t.metric(metric::CONFLICT), 0);
+    t.finish().await;
+}
+
+both_modes!(
+    thirty_two_concurrent_duplicates_execute_once_the_others_get_409,
+    with_conflict_wait_all_thirty_two_get_the_same_response,
+);
