@@ -10,6 +10,7 @@
 
 use serde_json::{Map, Value};
 use std::fmt;
+use std::rc::Rc;
 
 /// The longest `wait_ms` the backend honours.
 pub const MAX_WAIT_MS: u64 = idempotency_spec::MAX_WAIT_MS;
@@ -99,7 +100,8 @@ impl StatusSet {
     }
 }
 
-/// The backend.
+/// The backend: where every call goes. Shared (`Rc`) with the queued calls, which keep the
+/// backend of the configuration that queued them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Server {
     /// `host:port` on Kong; a cluster name on Envoy (`outbound|PORT||HOST` on Istio).
@@ -108,16 +110,11 @@ pub struct Server {
     pub authority: String,
     /// Prefix of `/captures`; default `/api/v2`.
     pub path_prefix: String,
+    /// The path of the captures resource, `{path_prefix}/captures`.
+    pub captures_path: String,
     pub timeout_ms: u64,
     /// Bearer token for the backend's `API_TOKEN`.
     pub token: Option<String>,
-}
-
-impl Server {
-    /// The path of the captures resource.
-    pub fn captures_path(&self) -> String {
-        format!("{}/captures", self.path_prefix)
-    }
 }
 
 /// What makes up a key's scope.
@@ -140,7 +137,7 @@ pub struct QueueConfig {
 /// The parsed, validated configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
-    pub server: Server,
+    pub server: Rc<Server>,
     /// The key header's name as configured (matched case-insensitively).
     pub header: String,
     pub methods: Vec<String>,
@@ -581,13 +578,14 @@ impl Config {
         };
 
         Ok(Config {
-            server: Server {
+            server: Rc::new(Server {
                 upstream,
                 authority,
+                captures_path: format!("{path_prefix}/captures"),
                 path_prefix,
                 timeout_ms,
                 token,
-            },
+            }),
             header,
             methods,
             require_key,
@@ -691,7 +689,7 @@ mod tests {
         let c = parse(r#"{"server":{"upstream":"127.0.0.1:9000"}}"#).unwrap();
         assert_eq!(c.server.authority, "127.0.0.1:9000");
         assert_eq!(c.server.path_prefix, "/api/v2");
-        assert_eq!(c.server.captures_path(), "/api/v2/captures");
+        assert_eq!(c.server.captures_path, "/api/v2/captures");
         assert_eq!(c.server.timeout_ms, 2000);
         assert_eq!(c.server.token, None);
         assert_eq!(c.header, "Idempotency-Key");

@@ -14,7 +14,6 @@
 //!   callbacks of a local reply only apply the fix-ups of [`crate::replay`].
 
 use std::rc::Rc;
-use std::time::Duration;
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
@@ -29,10 +28,10 @@ use crate::key;
 use crate::metrics::Metric;
 use crate::pairs;
 use crate::problem::{self, Kind};
-use crate::queue::{Class, Entry, Op, Target, classify};
+use crate::queue::{Class, Entry, Op, classify};
 use crate::replay::{self, HeaderOp, LocalReply};
 use crate::scope::{self, ScopeInput};
-use crate::shared::{count, enqueue, header_map, log, now_ms};
+use crate::shared::{call_backend, count, enqueue, header_map, log, now_ms};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -54,7 +53,6 @@ enum Phase {
 
 pub struct Http {
     cfg: Option<Rc<Config>>,
-    target: Option<Rc<Target>>,
     host: Host,
     phase: Phase,
     key: String,
@@ -87,10 +85,9 @@ impl Next {
 }
 
 impl Http {
-    pub fn new(cfg: Option<Rc<Config>>, target: Option<Rc<Target>>) -> Http {
+    pub fn new(cfg: Option<Rc<Config>>) -> Http {
         Http {
             cfg,
-            target,
             host: Host::Unknown,
             phase: Phase::Idle,
             key: String::new(),
@@ -322,22 +319,8 @@ impl Http {
         // Cloned: the `conflict: wait` retry sends the same fingerprint again.
         let fingerprint = self.fingerprint.clone().map(Fingerprint::finish);
         let body = decision::allocate_body(cfg, &self.key, fingerprint, wait);
-        let path = cfg.server.captures_path();
-        let headers = decision::call_headers(
-            "PUT",
-            &path,
-            &cfg.server.authority,
-            cfg.server.token.as_deref(),
-        );
-        let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
         let timeout = cfg.server.timeout_ms + if wait { cfg.wait_ms } else { 0 };
-        match hostcalls::dispatch_http_call(
-            &cfg.server.upstream,
-            headers,
-            Some(&body),
-            vec![],
-            Duration::from_millis(timeout),
-        ) {
+        match call_backend(&cfg.server, "PUT", &body, timeout) {
             Ok(_) => {
                 self.phase = Phase::Allocating { wait };
                 Next::Pause
@@ -405,7 +388,7 @@ impl Http {
             return Action::Continue;
         }
         self.phase = Phase::Done;
-        let (Some(lease), Some(target)) = (self.lease.clone(), self.target.clone()) else {
+        let Some(lease) = self.lease.clone() else {
             return Action::Continue;
         };
         let end = capture::at_end(self.capture.as_ref(), complete, &cfg.store_status);
@@ -418,31 +401,22 @@ impl Http {
             (End::Record, None) => (Op::Release, capture::release_body(&self.key, &lease)),
         };
         self.capture = None;
-        if may_hold && host::inline(cfg.record, self.host) {
-            let headers = decision::call_headers(
-                op.method(),
-                &target.path,
-                &target.authority,
-                target.token.as_deref(),
-            );
-            let headers: Vec<(&str, &str)> =
-                headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
-            if hostcalls::dispatch_http_call(
-                &target.upstream,
-                headers,
-                Some(&body),
-                vec![],
-                Duration::from_millis(target.timeout_ms),
-            )
-            .is_ok()
-            {
-                self.phase = Phase::Inline;
-                self.inline_call = Some((op, body));
-                return Action::Pause;
-            }
+        if may_hold
+            && host::inline(cfg.record, self.host)
+            && call_backend(&cfg.server, op.method(), &body, cfg.server.timeout_ms).is_ok()
+        {
+            self.phase = Phase::Inline;
+            self.inline_call = Some((op, body));
+            return Action::Pause;
         }
         enqueue(
-            Entry::new(op, target, body, cfg.queue.max_attempts, now_ms()),
+            Entry::new(
+                op,
+                cfg.server.clone(),
+                body,
+                cfg.queue.max_attempts,
+                now_ms(),
+            ),
             &cfg.queue,
         );
         Action::Continue
@@ -467,12 +441,16 @@ impl Http {
                 );
             }
             Class::Retry => {
-                if let Some(target) = self.target.clone() {
-                    let mut e = Entry::new(op, target, body, cfg.queue.max_attempts, now_ms());
-                    e.attempts = 1;
-                    e.tolerate_403 = true;
-                    enqueue(e, &cfg.queue);
-                }
+                let mut e = Entry::new(
+                    op,
+                    cfg.server.clone(),
+                    body,
+                    cfg.queue.max_attempts,
+                    now_ms(),
+                );
+                e.attempts = 1;
+                e.tolerate_403 = true;
+                enqueue(e, &cfg.queue);
             }
         }
         let _ = hostcalls::resume_http_response();
@@ -655,10 +633,14 @@ impl HttpContext for Http {
             // The request ended while the inline call was in flight (client gone): the host
             // may cancel it; queue it again, a 403 then meaning it was applied after all.
             Phase::Inline => {
-                if let (Some((op, body)), Some(target)) =
-                    (self.inline_call.take(), self.target.clone())
-                {
-                    let mut e = Entry::new(op, target, body, cfg.queue.max_attempts, now_ms());
+                if let Some((op, body)) = self.inline_call.take() {
+                    let mut e = Entry::new(
+                        op,
+                        cfg.server.clone(),
+                        body,
+                        cfg.queue.max_attempts,
+                        now_ms(),
+                    );
                     e.tolerate_403 = true;
                     enqueue(e, &cfg.queue);
                 }

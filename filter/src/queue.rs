@@ -13,7 +13,7 @@
 use std::collections::VecDeque;
 use std::rc::Rc;
 
-use crate::config::QueueConfig;
+use crate::config::{QueueConfig, Server};
 
 /// Calls in flight from the tick at most.
 pub const MAX_IN_FLIGHT: usize = 32;
@@ -45,21 +45,12 @@ impl Op {
     }
 }
 
-/// Where a call goes: the backend of the configuration that queued it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Target {
-    pub upstream: String,
-    pub authority: String,
-    pub path: String,
-    pub token: Option<String>,
-    pub timeout_ms: u64,
-}
-
 /// One queued call.
 #[derive(Debug, Clone)]
 pub struct Entry {
     pub op: Op,
-    pub target: Rc<Target>,
+    /// Where it goes: the backend of the configuration that queued it.
+    pub target: Rc<Server>,
     pub body: Vec<u8>,
     /// Sends so far.
     pub attempts: u32,
@@ -72,7 +63,7 @@ pub struct Entry {
 }
 
 impl Entry {
-    pub fn new(op: Op, target: Rc<Target>, body: Vec<u8>, max_attempts: u32, now_ms: u64) -> Entry {
+    pub fn new(op: Op, target: Rc<Server>, body: Vec<u8>, max_attempts: u32, now_ms: u64) -> Entry {
         Entry {
             op,
             target,
@@ -210,11 +201,12 @@ pub fn backoff_ms(attempts: u32) -> u64 {
 mod tests {
     use super::*;
 
-    fn target() -> Rc<Target> {
-        Rc::new(Target {
+    fn target() -> Rc<Server> {
+        Rc::new(Server {
             upstream: "b:1".into(),
             authority: "b:1".into(),
-            path: "/api/v2/captures".into(),
+            path_prefix: "/api/v2".into(),
+            captures_path: "/api/v2/captures".into(),
             token: None,
             timeout_ms: 100,
         })

@@ -10,16 +10,15 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{BufferType, ContextType, LogLevel, MapType};
 
 use crate::config::Config;
-use crate::decision::{CallAnswer, call_headers};
+use crate::decision::CallAnswer;
 use crate::filter::Http;
 use crate::metrics::Metric;
-use crate::queue::{Op, Settled, Target};
-use crate::shared::{count, define_metrics, log, now_ms, with_queue};
+use crate::queue::{Op, Settled};
+use crate::shared::{call_backend, count, define_metrics, log, now_ms, with_queue};
 
 #[derive(Default)]
 pub struct Root {
     config: Option<Rc<Config>>,
-    target: Option<Rc<Target>>,
     tick_set: bool,
 }
 
@@ -61,18 +60,11 @@ impl RootContext for Root {
                     &format!(
                         "configured: backend {} {}, header {}, record {}",
                         cfg.server.upstream,
-                        cfg.server.captures_path(),
+                        cfg.server.captures_path,
                         cfg.header,
                         cfg.record.as_str()
                     ),
                 );
-                self.target = Some(Rc::new(Target {
-                    upstream: cfg.server.upstream.clone(),
-                    authority: cfg.server.authority.clone(),
-                    path: cfg.server.captures_path(),
-                    token: cfg.server.token.clone(),
-                    timeout_ms: cfg.server.timeout_ms,
-                }));
                 self.config = Some(Rc::new(cfg));
                 true
             }
@@ -88,10 +80,7 @@ impl RootContext for Root {
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Http::new(
-            self.config.clone(),
-            self.target.clone(),
-        )))
+        Some(Box::new(Http::new(self.config.clone())))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -103,16 +92,8 @@ impl RootContext for Root {
 pub fn pump() {
     let now = now_ms();
     while let Some(entry) = with_queue(|q| q.take_due(now)) {
-        let t = Rc::clone(&entry.target);
-        let headers = call_headers(entry.op.method(), &t.path, &t.authority, t.token.as_deref());
-        let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
-        match hostcalls::dispatch_http_call(
-            &t.upstream,
-            headers,
-            Some(&entry.body),
-            vec![],
-            Duration::from_millis(t.timeout_ms),
-        ) {
+        let server = &entry.target;
+        match call_backend(server, entry.op.method(), &entry.body, server.timeout_ms) {
             Ok(token) => with_queue(|q| q.sent(token, entry)),
             Err(status) => {
                 let settled = with_queue(|q| q.send_failed(entry, now));

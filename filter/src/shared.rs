@@ -3,11 +3,13 @@
 //! short and never held across a host call that could call back into the module.
 
 use std::cell::{Cell, RefCell};
+use std::time::Duration;
 
 use proxy_wasm::hostcalls;
-use proxy_wasm::types::{LogLevel, MapType, MetricType};
+use proxy_wasm::types::{LogLevel, MapType, MetricType, Status};
 
-use crate::config::QueueConfig;
+use crate::config::{QueueConfig, Server};
+use crate::decision::call_headers;
 use crate::host::Host;
 use crate::metrics::Metric;
 use crate::pairs::Pairs;
@@ -110,6 +112,30 @@ pub fn header_map(map: MapType) -> Pairs {
 #[cfg(not(target_arch = "wasm32"))]
 pub fn header_map(_map: MapType) -> Pairs {
     Vec::new()
+}
+
+/// Dispatches `method` with `body` to the backend's captures resource: the call's token, or
+/// the host's refusal.
+pub fn call_backend(
+    server: &Server,
+    method: &str,
+    body: &[u8],
+    timeout_ms: u64,
+) -> Result<u32, Status> {
+    let headers = call_headers(
+        method,
+        &server.captures_path,
+        &server.authority,
+        server.token.as_deref(),
+    );
+    let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+    hostcalls::dispatch_http_call(
+        &server.upstream,
+        headers,
+        Some(body),
+        vec![],
+        Duration::from_millis(timeout_ms),
+    )
 }
 
 /// Milliseconds since the epoch, from the host's clock (0 when it has none).
