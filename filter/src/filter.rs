@@ -440,18 +440,8 @@ impl Http {
                     &format!("{} refused: {}", op.name(), answer.describe()),
                 );
             }
-            Class::Retry => {
-                let mut e = Entry::new(
-                    op,
-                    cfg.server.clone(),
-                    body,
-                    cfg.queue.max_attempts,
-                    now_ms(),
-                );
-                e.attempts = 1;
-                e.tolerate_403 = true;
-                enqueue(e, &cfg.queue);
-            }
+            // The inline send was the first attempt.
+            Class::Retry => requeue_inline(cfg, op, body, 1),
         }
         let _ = hostcalls::resume_http_response();
     }
@@ -492,6 +482,22 @@ impl Http {
             let _ = hostcalls::set_buffer(BufferType::HttpResponseBody, 0, size, &bytes);
         }
     }
+}
+
+/// Queues an inline record or release again, for the tick: it may have been applied already
+/// (its answer was lost, or its request ended first), so a 403 then means done. `attempts`:
+/// the sends it counts as made.
+fn requeue_inline(cfg: &Config, op: Op, body: Vec<u8>, attempts: u32) {
+    let mut e = Entry::new(
+        op,
+        cfg.server.clone(),
+        body,
+        cfg.queue.max_attempts,
+        now_ms(),
+    );
+    e.attempts = attempts;
+    e.tolerate_403 = true;
+    enqueue(e, &cfg.queue);
 }
 
 impl Context for Http {
@@ -634,15 +640,7 @@ impl HttpContext for Http {
             // may cancel it; queue it again, a 403 then meaning it was applied after all.
             Phase::Inline => {
                 if let Some((op, body)) = self.inline_call.take() {
-                    let mut e = Entry::new(
-                        op,
-                        cfg.server.clone(),
-                        body,
-                        cfg.queue.max_attempts,
-                        now_ms(),
-                    );
-                    e.tolerate_403 = true;
-                    enqueue(e, &cfg.queue);
+                    requeue_inline(&cfg, op, body, 0);
                 }
                 self.phase = Phase::Done;
             }
