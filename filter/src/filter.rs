@@ -126,12 +126,7 @@ impl Http {
     }
 
     fn send_problem(&mut self, kind: Kind, detail: &str, retry_after: Option<&str>) -> Next {
-        let a = problem::answer(kind, detail, retry_after);
-        self.send_reply(LocalReply {
-            status: a.status,
-            headers: a.headers,
-            body: a.body,
-        })
+        self.send_reply(problem::answer(kind, detail, retry_after))
     }
 
     fn server_error(&mut self, cfg: &Config, reason: &str) -> Next {

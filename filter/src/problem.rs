@@ -5,6 +5,8 @@
 
 use idempotency_spec::{PROBLEM_JSON, Problem as Body, problem_type};
 
+use crate::replay::LocalReply;
+
 /// Each case the filter answers itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -74,16 +76,8 @@ impl Kind {
     }
 }
 
-/// A problem answer: status, headers and body.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Answer {
-    pub status: u16,
-    pub headers: Vec<(String, String)>,
-    pub body: Vec<u8>,
-}
-
 /// Builds the answer for `kind`, with a human `detail`; `retry_after` (seconds) for 409.
-pub fn answer(kind: Kind, detail: &str, retry_after: Option<&str>) -> Answer {
+pub fn answer(kind: Kind, detail: &str, retry_after: Option<&str>) -> LocalReply {
     let body = Body {
         kind: kind.type_uri().to_string(),
         title: kind.title().to_string(),
@@ -99,7 +93,7 @@ pub fn answer(kind: Kind, detail: &str, retry_after: Option<&str>) -> Answer {
     if let Some(ra) = retry_after {
         headers.push(("retry-after".to_string(), ra.to_string()));
     }
-    Answer {
+    LocalReply {
         status: kind.status(),
         headers,
         body,
