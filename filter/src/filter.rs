@@ -259,6 +259,13 @@ impl Http {
         self.send_problem(Kind::BodyTooLarge, &detail, None)
     }
 
+    /// Kong: nginx spooled the body to a temporary file, which a filter cannot read.
+    fn spooled(&mut self, cfg: &Config) -> Next {
+        count(Metric::TooLarge);
+        let detail = problem::spooled_detail(cfg.max_request_body_bytes);
+        self.send_problem(Kind::BodySpooled, &detail, None)
+    }
+
     fn on_request_body(&mut self, cfg: &Config, size: usize, end_of_stream: bool) -> Next {
         // Kong: nginx spooled the body to a file; the filter sees it empty (HOSTS.md).
         if size == 0
@@ -266,12 +273,7 @@ impl Http {
             && self.body_total == 0
             && self.content_length.is_some_and(|cl| cl > 0)
         {
-            count(Metric::TooLarge);
-            return self.send_problem(
-                Kind::BodySpooled,
-                &problem::spooled_detail(cfg.max_request_body_bytes),
-                None,
-            );
+            return self.spooled(cfg);
         }
         // The host's buffer holds what was paused on before (Envoy) plus the new bytes.
         let (start, new) = if size >= self.body_hashed {
@@ -291,12 +293,7 @@ impl Http {
             if bytes.len() != new {
                 // ngx_wasm_module: the body is in nginx's temporary file; the host reports
                 // its size but serves no bytes ("cannot read request body buffered to file").
-                count(Metric::TooLarge);
-                return self.send_problem(
-                    Kind::BodySpooled,
-                    &problem::spooled_detail(cfg.max_request_body_bytes),
-                    None,
-                );
+                return self.spooled(cfg);
             }
             if let Some(fp) = self.fingerprint.as_mut() {
                 fp.update(&bytes);
