@@ -222,14 +222,9 @@ impl<'a> Obj<'a> {
     }
 
     fn string(&self, field: &str, default: &str) -> Result<String, ConfigError> {
-        match self.get(field) {
-            None => Ok(default.to_string()),
-            Some(Value::String(s)) => Ok(s.clone()),
-            Some(v) => Err(err(
-                &self.name(field),
-                format!("expected a string, got {}", kind(v)),
-            )),
-        }
+        Ok(self
+            .opt_string(field)?
+            .unwrap_or_else(|| default.to_string()))
     }
 
     fn opt_string(&self, field: &str) -> Result<Option<String>, ConfigError> {
@@ -417,6 +412,8 @@ impl Config {
             "queue",
         ];
         let top = Obj::new("", v, TOP)?;
+        // What an absent optional object reads as: every field its default.
+        let absent = Value::Object(Map::new());
 
         // server
         let server_v = top.get("server").ok_or_else(|| err("server", "required"))?;
@@ -479,22 +476,14 @@ impl Config {
         }
         let require_key = top.boolean("require_key", false)?;
 
-        let scope = match top.get("scope") {
-            None => Scope {
-                headers: DEFAULT_SCOPE_HEADERS
-                    .iter()
-                    .map(|s| s.to_string())
-                    .collect(),
-                route: true,
-            },
-            Some(sv) => {
-                let sc = Obj::new("scope", sv, &["headers", "route"])?;
-                let headers = sc.strings("headers", DEFAULT_SCOPE_HEADERS, 32, token_item)?;
-                Scope {
-                    headers: lower_dedup(headers),
-                    route: sc.boolean("route", true)?,
-                }
-            }
+        let sc = Obj::new(
+            "scope",
+            top.get("scope").unwrap_or(&absent),
+            &["headers", "route"],
+        )?;
+        let scope = Scope {
+            headers: lower_dedup(sc.strings("headers", DEFAULT_SCOPE_HEADERS, 32, token_item)?),
+            route: sc.boolean("route", true)?,
         };
         let fingerprint = top.boolean("fingerprint", true)?;
         let lease_ms = top.integer("lease_ms", 60_000, 1000, 86_400_000)?;
@@ -554,27 +543,17 @@ impl Config {
         };
         let tick_ms = top.integer("tick_ms", 20, 1, 60_000)?;
 
-        let queue = match top.get("queue") {
-            None => QueueConfig {
-                max_entries: 1000,
-                max_bytes: 33_554_432,
-                max_attempts: 5,
-            },
-            Some(qv) => {
-                let q = Obj::new("queue", qv, &["max_entries", "max_bytes", "max_attempts"])?;
-                QueueConfig {
-                    max_entries: usize::try_from(q.integer("max_entries", 1000, 1, 100_000)?)
-                        .unwrap_or(1000),
-                    max_bytes: usize::try_from(q.integer(
-                        "max_bytes",
-                        33_554_432,
-                        1024,
-                        268_435_456,
-                    )?)
-                    .unwrap_or(33_554_432),
-                    max_attempts: u32::try_from(q.integer("max_attempts", 5, 1, 20)?).unwrap_or(5),
-                }
-            }
+        let q = Obj::new(
+            "queue",
+            top.get("queue").unwrap_or(&absent),
+            &["max_entries", "max_bytes", "max_attempts"],
+        )?;
+        let queue = QueueConfig {
+            max_entries: usize::try_from(q.integer("max_entries", 1000, 1, 100_000)?)
+                .unwrap_or(1000),
+            max_bytes: usize::try_from(q.integer("max_bytes", 33_554_432, 1024, 268_435_456)?)
+                .unwrap_or(33_554_432),
+            max_attempts: u32::try_from(q.integer("max_attempts", 5, 1, 20)?).unwrap_or(5),
         };
 
         Ok(Config {
