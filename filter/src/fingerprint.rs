@@ -41,10 +41,6 @@ impl Fingerprint {
         self.body_len = self.body_len.saturating_add(chunk.len() as u64);
     }
 
-    pub fn body_len(&self) -> u64 {
-        self.body_len
-    }
-
     /// `sha-256:` and 64 lower-case hex digits (72 bytes, within the backend's 1024).
     pub fn finish(mut self) -> String {
         self.hasher.update(self.body_len.to_be_bytes());

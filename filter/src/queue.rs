@@ -125,10 +125,6 @@ impl Queue {
         self.bytes
     }
 
-    pub fn in_flight(&self) -> usize {
-        self.in_flight.len()
-    }
-
     /// Queues a call; `false` when it is dropped for the bounds.
     pub fn push(&mut self, e: Entry, limits: &QueueConfig) -> bool {
         let bytes = self.bytes.saturating_add(e.body.len());

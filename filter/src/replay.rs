@@ -56,7 +56,7 @@ pub fn from_capture(
     strip_on_replay: &[String],
     replay_header: &str,
 ) -> Result<LocalReply, ReplayError> {
-    if !(100..=599).contains(&capture.response_status) || capture.response_status < 200 {
+    if !(200..=599).contains(&capture.response_status) {
         return Err(ReplayError::BadStatus);
     }
     let body = decode_body(&capture.response_body).ok_or(ReplayError::BadBody)?;
