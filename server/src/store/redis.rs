@@ -43,7 +43,7 @@ use ::redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use ::redis::cluster::ClusterClient;
 use ::redis::cluster_async::ClusterConnection;
 use ::redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
-use ::redis::{Cmd, Pipeline, RedisError, RedisFuture, Script, Value};
+use ::redis::{Cmd, Pipeline, RedisError, RedisFuture, Script, ScriptInvocation, Value};
 use async_trait::async_trait;
 use idempotency_spec::Capture;
 
@@ -279,6 +279,30 @@ impl RedisStore {
         })
     }
 
+    /// Run one operation's script (invoked on `key`), read its answer with `parse`, and when
+    /// that answer is a write (`wrote`), wait for the replicas ([`RedisStore::replicate`]).
+    async fn run<T>(
+        &self,
+        key: &str,
+        script: &ScriptInvocation<'_>,
+        parse: impl FnOnce(Value) -> Result<T, StoreError>,
+        wrote: impl FnOnce(&T) -> bool,
+    ) -> Result<T, StoreError> {
+        self.call(async {
+            let mut connection = self.connection.clone();
+            let value: Value = script
+                .invoke_async(&mut connection)
+                .await
+                .map_err(unavailable)?;
+            let outcome = parse(value)?;
+            if wrote(&outcome) {
+                self.replicate(&mut connection, key).await?;
+            }
+            Ok(outcome)
+        })
+        .await
+    }
+
     /// With `--redis-wait-replicas`, wait until that many replicas have this connection's
     /// writes so far (so the one just made), on the key's primary.
     async fn replicate(&self, connection: &mut Connection, key: &str) -> Result<(), StoreError> {
@@ -327,78 +351,43 @@ impl Store for RedisStore {
     async fn allocate(&self, request: Allocate) -> Result<AllocateOutcome, StoreError> {
         let key = self.key(&request.key);
         let token = new_lease_token();
-        self.call(async {
-            let mut connection = self.connection.clone();
-            let value: Value = self
-                .scripts
-                .allocate
-                .key(&key)
-                .arg(request.fingerprint.as_deref().unwrap_or(""))
-                .arg(millis(request.lease))
-                .arg(&token)
-                .invoke_async(&mut connection)
-                .await
-                .map_err(unavailable)?;
-            let outcome = parse_allocate(value, token)?;
-            if matches!(outcome, AllocateOutcome::Allocated { .. }) {
-                self.replicate(&mut connection, &key).await?;
-            }
-            Ok(outcome)
-        })
+        let mut script = self.scripts.allocate.key(&key);
+        script
+            .arg(request.fingerprint.as_deref().unwrap_or(""))
+            .arg(millis(request.lease))
+            .arg(&token);
+        self.run(
+            &key,
+            &script,
+            |value| parse_allocate(value, token),
+            |outcome| matches!(outcome, AllocateOutcome::Allocated { .. }),
+        )
         .await
     }
 
     async fn record(&self, request: Record) -> Result<RecordOutcome, StoreError> {
         let key = self.key(&request.key);
         let capture = serde_json::to_vec(&request.capture).expect("a capture always encodes");
-        self.call(async {
-            let mut connection = self.connection.clone();
-            let value: Value = self
-                .scripts
-                .record
-                .key(&key)
-                .arg(if request.lease_token.is_some() {
-                    "1"
-                } else {
-                    "0"
-                })
-                .arg(request.lease_token.as_deref().unwrap_or(""))
-                .arg(millis(request.retention))
-                .arg(capture)
-                .invoke_async(&mut connection)
-                .await
-                .map_err(unavailable)?;
-            let outcome = parse_record(value)?;
-            if matches!(outcome, RecordOutcome::Stored { .. }) {
-                self.replicate(&mut connection, &key).await?;
-            }
-            Ok(outcome)
+        let (presented, token) = presented(request.lease_token.as_deref());
+        let mut script = self.scripts.record.key(&key);
+        script
+            .arg(presented)
+            .arg(token)
+            .arg(millis(request.retention))
+            .arg(capture);
+        self.run(&key, &script, parse_record, |outcome| {
+            matches!(outcome, RecordOutcome::Stored { .. })
         })
         .await
     }
 
     async fn release(&self, request: Release) -> Result<ReleaseOutcome, StoreError> {
         let key = self.key(&request.key);
-        self.call(async {
-            let mut connection = self.connection.clone();
-            let value: Value = self
-                .scripts
-                .release
-                .key(&key)
-                .arg(if request.lease_token.is_some() {
-                    "1"
-                } else {
-                    "0"
-                })
-                .arg(request.lease_token.as_deref().unwrap_or(""))
-                .invoke_async(&mut connection)
-                .await
-                .map_err(unavailable)?;
-            let outcome = parse_release(value)?;
-            if outcome == ReleaseOutcome::Released {
-                self.replicate(&mut connection, &key).await?;
-            }
-            Ok(outcome)
+        let (presented, token) = presented(request.lease_token.as_deref());
+        let mut script = self.scripts.release.key(&key);
+        script.arg(presented).arg(token);
+        self.run(&key, &script, parse_release, |outcome| {
+            *outcome == ReleaseOutcome::Released
         })
         .await
     }
@@ -421,6 +410,15 @@ impl Store for RedisStore {
     async fn shutdown(&self) -> Result<(), StoreError> {
         self.closed.store(true, Ordering::Release);
         Ok(())
+    }
+}
+
+/// The token arguments of `record.lua` and `release.lua`: `'1'` and the token when one is
+/// presented, `'0'` and `''` when not (an old client: any live allocation).
+fn presented(token: Option<&str>) -> (&'static str, &str) {
+    match token {
+        Some(token) => ("1", token),
+        None => ("0", ""),
     }
 }
 
