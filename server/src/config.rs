@@ -261,14 +261,18 @@ impl Config {
         Ok(())
     }
 
-    fn validate_redis(&self) -> Result<(), String> {
-        self.validate_shared()?;
-        let cluster: Vec<&str> = self
-            .redis_cluster_urls
+    /// `--redis-cluster-urls` without the blank ones, trimmed.
+    pub fn redis_cluster(&self) -> Vec<&str> {
+        self.redis_cluster_urls
             .iter()
             .map(|u| u.trim())
             .filter(|u| !u.is_empty())
-            .collect();
+            .collect()
+    }
+
+    fn validate_redis(&self) -> Result<(), String> {
+        self.validate_shared()?;
+        let cluster = self.redis_cluster();
         let urls: Vec<&str> = match (non_empty(&self.redis_url), cluster.is_empty()) {
             (None, true) => {
                 return Err(
@@ -348,8 +352,8 @@ impl Config {
 /// BSON document is at most 16 MiB.
 pub const MONGODB_MAX_BODY: usize = 15 << 20;
 
-/// The value when it is set and not empty: an empty variable counts as unset.
-fn non_empty(value: &Option<String>) -> Option<&str> {
+/// The value, trimmed, when it is set and not empty: an empty variable counts as unset.
+pub fn non_empty(value: &Option<String>) -> Option<&str> {
     value.as_deref().map(str::trim).filter(|v| !v.is_empty())
 }
 

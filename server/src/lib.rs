@@ -63,6 +63,7 @@ use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use config::non_empty;
 pub use config::{Config, StoreKind};
 pub use store::Store;
 pub use store::embedded::{EmbeddedOptions, EmbeddedStore};
@@ -102,23 +103,11 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
 
 /// The Redis store's options from the configuration.
 pub fn redis_options(config: &Config) -> RedisOptions {
-    let cluster: Vec<String> = config
-        .redis_cluster_urls
-        .iter()
-        .map(|u| u.trim().to_owned())
-        .filter(|u| !u.is_empty())
-        .collect();
+    let cluster = config.redis_cluster();
     let target = if cluster.is_empty() {
-        RedisTarget::Single(
-            config
-                .redis_url
-                .clone()
-                .unwrap_or_default()
-                .trim()
-                .to_owned(),
-        )
+        RedisTarget::Single(non_empty(&config.redis_url).unwrap_or_default().to_owned())
     } else {
-        RedisTarget::Cluster(cluster)
+        RedisTarget::Cluster(cluster.into_iter().map(str::to_owned).collect())
     };
     RedisOptions {
         target,
@@ -133,11 +122,8 @@ pub fn redis_options(config: &Config) -> RedisOptions {
 /// The MongoDB store's options from the configuration.
 pub fn mongo_options(config: &Config) -> MongoOptions {
     MongoOptions {
-        uri: config
-            .mongodb_uri
-            .clone()
+        uri: non_empty(&config.mongodb_uri)
             .unwrap_or_default()
-            .trim()
             .to_owned(),
         database: config.mongodb_database.clone(),
         collection: config.mongodb_collection.clone(),
