@@ -169,6 +169,11 @@ pub fn get<'a>(pairs: &'a [(String, Vec<u8>)], name: &str) -> Option<&'a [u8]> {
         .map(|(_, v)| v.as_slice())
 }
 
+/// The `content-length` of a header map, when it has a valid one.
+pub fn content_length(pairs: &[(String, Vec<u8>)]) -> Option<u64> {
+    get(pairs, "content-length").and_then(|v| std::str::from_utf8(v).ok()?.trim().parse().ok())
+}
+
 /// Replaces every value of `name` by one (appended where the first one was).
 pub fn replace(pairs: &mut Pairs, name: &str, value: Vec<u8>) {
     let name = name.to_ascii_lowercase();

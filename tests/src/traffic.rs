@@ -358,8 +358,7 @@ impl Worker {
         );
         self.by_ctx.insert(ctx, id);
         if let Some(r) = self.reqs.get_mut(&id) {
-            r.req_content_length = abi::get(&headers, "content-length")
-                .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse().ok());
+            r.req_content_length = abi::content_length(&headers);
         }
         let request_headers = self.request_pairs(&method, &path, headers, local);
         self.observed
@@ -826,8 +825,7 @@ impl Worker {
         if r.resp_stage != RespStage::Waiting {
             return;
         }
-        r.resp_content_length = abi::get(&headers, "content-length")
-            .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse().ok());
+        r.resp_content_length = abi::content_length(&headers);
         if r.bypass {
             r.resp_stage = RespStage::Body;
             self.send_head(id, status, false, headers);
@@ -917,8 +915,7 @@ impl Worker {
             return;
         }
         r.head_sent = true;
-        r.declared_length = abi::get(&headers, "content-length")
-            .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse().ok());
+        r.declared_length = abi::content_length(&headers);
         let _ = r.down.send(Down::Head {
             status,
             empty_reason,
