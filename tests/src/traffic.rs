@@ -613,14 +613,13 @@ impl Worker {
             r.req_pending.clear();
             (r.req_whole.clone(), true)
         } else {
-            let ready = match chunk_size {
-                Some(n) => r.req_pending.len() >= n || (r.client_done && !r.req_pending.is_empty()),
-                None => !r.req_pending.is_empty(),
-            };
-            if ready {
-                let n = chunk_size.unwrap_or(usize::MAX).min(r.req_pending.len());
-                let chunk: Vec<u8> = r.req_pending.drain(..n).collect();
-                r.req_delivered += chunk.len() as u64;
+            let chunk = next_chunk(
+                &mut r.req_pending,
+                &mut r.req_delivered,
+                r.client_done,
+                chunk_size,
+            );
+            if let Some(chunk) = chunk {
                 // With a Content-Length the chunk that completes it carries
                 // end_of_stream (Envoy's HTTP/1 codec dispatches the last buffered
                 // body with end_stream); a chunked request ends with an empty call.
@@ -1001,15 +1000,14 @@ impl Worker {
             return false;
         }
         let cl = r.resp_content_length;
-        let ready = match chunk_size {
-            Some(n) => r.resp_pending.len() >= n || (r.upstream_done && !r.resp_pending.is_empty()),
-            None => !r.resp_pending.is_empty(),
-        };
         let whole_body_eos = mode.response_eos_needs_whole_body();
-        let (chunk, eos) = if ready {
-            let n = chunk_size.unwrap_or(usize::MAX).min(r.resp_pending.len());
-            let chunk: Vec<u8> = r.resp_pending.drain(..n).collect();
-            r.resp_delivered += chunk.len() as u64;
+        let chunk = next_chunk(
+            &mut r.resp_pending,
+            &mut r.resp_delivered,
+            r.upstream_done,
+            chunk_size,
+        );
+        let (chunk, eos) = if let Some(chunk) = chunk {
             // Envoy: with a Content-Length the chunk that completes it carries
             // end_of_stream. ngx: only a call carrying the whole body does (decided below,
             // on the size the call gets). A chunked upstream ends with an empty call.
@@ -1570,6 +1568,28 @@ impl Worker {
             vm.world().now_ns = now;
         }
     }
+}
+
+/// The next body chunk a filter gets from `pending`: `chunk_size` bytes (fewer only once the
+/// sender is `done`), or everything pending when no size is set; `None` until there is one.
+/// Counted in `delivered`.
+fn next_chunk(
+    pending: &mut Vec<u8>,
+    delivered: &mut u64,
+    done: bool,
+    chunk_size: Option<usize>,
+) -> Option<Vec<u8>> {
+    let ready = match chunk_size {
+        Some(n) => pending.len() >= n || (done && !pending.is_empty()),
+        None => !pending.is_empty(),
+    };
+    if !ready {
+        return None;
+    }
+    let n = chunk_size.unwrap_or(usize::MAX).min(pending.len());
+    let chunk: Vec<u8> = pending.drain(..n).collect();
+    *delivered += chunk.len() as u64;
+    Some(chunk)
 }
 
 /// One engine per process (fuel on): compiled modules are shared between hosts.
