@@ -128,6 +128,14 @@ fn is_read_only_pseudo(mode: Mode, map_type: u32, key: &str) -> bool {
             || (map_type == 2 && key == ":status"))
 }
 
+/// A property path as the SDK serializes it: its parts separated by NULs.
+fn property_path(raw: &[u8]) -> Vec<String> {
+    raw.split(|b| *b == 0)
+        .filter(|p| !p.is_empty())
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .collect()
+}
+
 fn body_of(world: &mut World, buffer_type: u32) -> Option<Vec<u8>> {
     match buffer_type {
         0 => world.stream().map(|s| s.request_body.clone()),
@@ -421,12 +429,7 @@ pub fn link(linker: &mut Linker<World>) -> Result<()> {
         E,
         "proxy_get_property",
         |mut c: C, ptr: u32, len: u32, ptr_ptr: u32, size_ptr: u32| -> Result<u32> {
-            let raw = abi::read(&mut c, ptr, len)?;
-            let parts: Vec<String> = raw
-                .split(|b| *b == 0)
-                .filter(|p| !p.is_empty())
-                .map(|p| String::from_utf8_lossy(p).into_owned())
-                .collect();
+            let parts = property_path(&abi::read(&mut c, ptr, len)?);
             match crate::properties::get(c.data(), &parts) {
                 Some(value) => {
                     abi::return_bytes(&mut c, &value, ptr_ptr, size_ptr)?;
@@ -440,13 +443,8 @@ pub fn link(linker: &mut Linker<World>) -> Result<()> {
         E,
         "proxy_set_property",
         |mut c: C, ptr: u32, len: u32, vptr: u32, vlen: u32| -> Result<u32> {
-            let raw = abi::read(&mut c, ptr, len)?;
+            let parts = property_path(&abi::read(&mut c, ptr, len)?);
             let value = abi::read(&mut c, vptr, vlen)?;
-            let parts: Vec<String> = raw
-                .split(|b| *b == 0)
-                .filter(|p| !p.is_empty())
-                .map(|p| String::from_utf8_lossy(p).into_owned())
-                .collect();
             Ok(if crate::properties::set(c.data_mut(), &parts, &value) {
                 status::OK
             } else {
