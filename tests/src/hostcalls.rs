@@ -788,8 +788,8 @@ pub fn link(linker: &mut Linker<World>) -> Result<()> {
         "proxy_get_metric",
         |mut c: C, id: u32, ptr: u32| -> Result<u32> {
             let value = {
-                let observed = c.data().observed.lock().unwrap();
-                match observed.metrics.get((id as usize).wrapping_sub(1)) {
+                let mut observed = c.data().observed.lock().unwrap();
+                match observed.metric_mut(id) {
                     Some(m) if m.kind != MetricKind::Histogram => m.value,
                     Some(_) => return Ok(status::BAD_ARGUMENT),
                     None => return Ok(status::NOT_FOUND),
@@ -804,7 +804,7 @@ pub fn link(linker: &mut Linker<World>) -> Result<()> {
         "proxy_record_metric",
         |c: C, id: u32, value: u64| -> Result<u32> {
             let mut observed = c.data().observed.lock().unwrap();
-            let Some(m) = observed.metrics.get_mut((id as usize).wrapping_sub(1)) else {
+            let Some(m) = observed.metric_mut(id) else {
                 return Ok(status::NOT_FOUND);
             };
             match m.kind {
@@ -821,7 +821,7 @@ pub fn link(linker: &mut Linker<World>) -> Result<()> {
         "proxy_increment_metric",
         |c: C, id: u32, offset: i64| -> Result<u32> {
             let mut observed = c.data().observed.lock().unwrap();
-            let Some(m) = observed.metrics.get_mut((id as usize).wrapping_sub(1)) else {
+            let Some(m) = observed.metric_mut(id) else {
                 return Ok(status::NOT_FOUND);
             };
             match m.kind {

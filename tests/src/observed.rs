@@ -159,6 +159,11 @@ impl Observed {
         self.violations.push(Violation { kind, detail });
     }
 
+    /// The metric `proxy_define_metric` gave `id` (its 1-based position).
+    pub fn metric_mut(&mut self, id: u32) -> Option<&mut Metric> {
+        self.metrics.get_mut((id as usize).wrapping_sub(1))
+    }
+
     pub fn add_fuel(&mut self, context_id: Option<u32>, phase: Phase, fuel: u64) {
         *self.calls.entry(phase.name()).or_default() += 1;
         let index = context_id.and_then(|id| self.fuel_index.get(&id).copied());
