@@ -1447,6 +1447,9 @@ impl Worker {
             ctx,
             format!("[wasm] trap in {callback} (context {ctx}): {message}"),
         );
+        // Either way the instance's ticks stop.
+        self.next_tick = None;
+        self.tick_period = None;
         match self.mode.trap_rule() {
             TrapRule::ResetInstance => {
                 self.host_log(
@@ -1454,13 +1457,9 @@ impl Worker {
                     ctx,
                     "proxy_wasm: instance trapped, it will be recycled",
                 );
-                self.next_tick = None;
-                self.tick_period = None;
             }
             TrapRule::FailVm => {
                 self.failed = true;
-                self.next_tick = None;
-                self.tick_period = None;
                 self.host_log(
                     Level::Critical,
                     ctx,
