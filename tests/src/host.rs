@@ -527,10 +527,8 @@ impl Host {
             .collect()
     }
 
-    /// Settles, stops the host and panics on unexpected violations.
-    pub async fn finish(mut self) {
-        self.settle().await;
-        self.stop();
+    /// Panics (printing the logs) on a violation the test did not expect.
+    fn assert_no_unexpected_violations(&self) {
         let unexpected = self.unexpected_violations();
         if !unexpected.is_empty() {
             panic!(
@@ -538,6 +536,13 @@ impl Host {
                 self.dump_logs()
             );
         }
+    }
+
+    /// Settles, stops the host and panics on unexpected violations.
+    pub async fn finish(mut self) {
+        self.settle().await;
+        self.stop();
+        self.assert_no_unexpected_violations();
         self.expected.lock().unwrap().extend([
             ViolationKind::DispatchOutlivedRequest,
             ViolationKind::BodyChangedAfterContentLength,
@@ -560,13 +565,7 @@ impl Drop for Host {
         if std::thread::panicking() {
             return;
         }
-        let unexpected = self.unexpected_violations();
-        if !unexpected.is_empty() {
-            panic!(
-                "host violations (a real host would break):\n{unexpected:#?}\nlogs:\n{}",
-                self.dump_logs()
-            );
-        }
+        self.assert_no_unexpected_violations();
     }
 }
 
