@@ -121,7 +121,7 @@ pub struct World {
     pub dispatches: Vec<DispatchRequest>,
     pub tick_period_ms: Option<u32>,
     pub tick_changed: bool,
-    /// Metric ids are indexes into `Observed::metrics` + 1.
+    /// What `proxy_get_status` answers during `on_http_call_response` (code, message).
     pub status: (u32, String),
     pub queues: HashMap<String, u32>,
     pub queue_data: HashMap<u32, std::collections::VecDeque<Vec<u8>>>,
