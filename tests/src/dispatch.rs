@@ -114,6 +114,12 @@ pub struct Delivered {
     pub status: (u32, String),
 }
 
+/// The body of Envoy's router reply (503) when the upstream refuses the connection, for a
+/// call as for a route.
+pub const ENVOY_REFUSED: &str = "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure, transport failure reason: delayed connect error: 111";
+/// The same when the connection breaks before the response head.
+pub const ENVOY_RESET: &str = "upstream connect error or disconnect/reset before headers. reset reason: connection termination";
+
 fn envoy_local(code: u16, body: &str) -> Delivered {
     Delivered {
         headers: vec![
@@ -146,14 +152,10 @@ pub fn deliver(mode: Mode, outcome: Outcome) -> Delivered {
         (Mode::Ngx, Outcome::Resolver) => failed("resolver failure"),
         (Mode::Ngx, _) => failed("broken connection"),
         (Mode::Envoy, Outcome::Timeout) => envoy_local(504, "upstream request timeout"),
-        (Mode::Envoy, Outcome::Refused) => envoy_local(
-            503,
-            "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure, transport failure reason: delayed connect error: 111",
-        ),
-        (Mode::Envoy, Outcome::ResetBeforeHeaders | Outcome::Resolver) => envoy_local(
-            503,
-            "upstream connect error or disconnect/reset before headers. reset reason: connection termination",
-        ),
+        (Mode::Envoy, Outcome::Refused) => envoy_local(503, ENVOY_REFUSED),
+        (Mode::Envoy, Outcome::ResetBeforeHeaders | Outcome::Resolver) => {
+            envoy_local(503, ENVOY_RESET)
+        }
         (Mode::Envoy, Outcome::ResetAfterHeaders) => Delivered {
             headers: Vec::new(),
             body: Vec::new(),

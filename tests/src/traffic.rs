@@ -775,14 +775,8 @@ impl Worker {
                 502,
                 "{\n  \"message\":\"An invalid response was received from the upstream server\"\n}",
             ),
-            Mode::Envoy if refused => (
-                503,
-                "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure, transport failure reason: delayed connect error: 111",
-            ),
-            Mode::Envoy => (
-                503,
-                "upstream connect error or disconnect/reset before headers. reset reason: connection termination",
-            ),
+            Mode::Envoy if refused => (503, crate::dispatch::ENVOY_REFUSED),
+            Mode::Envoy => (503, crate::dispatch::ENVOY_RESET),
         };
         let ctype: &[u8] = if self.mode == Mode::Ngx {
             b"application/json; charset=utf-8"
