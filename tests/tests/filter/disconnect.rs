@@ -27,16 +27,7 @@ async fn a_client_that_disconnects_while_its_allocation_waits(mode: Mode) {
         .send_and_disconnect()
         .await
         .unwrap();
-    eventually(
-        "the host saw the client go",
-        Duration::from_secs(10),
-        || {
-            !t.host()
-                .logs_containing("client closed the connection")
-                .is_empty()
-        },
-    )
-    .await;
+    t.client_gone().await;
     t.api.release("/pay");
     let first = holder.await.unwrap();
     assert_eq!((first.status, first.text().as_str()), (201, "paid"));
@@ -81,16 +72,7 @@ async fn a_client_that_disconnects_before_the_allocation_answers(mode: Mode) {
     )
     .await;
     drop(client);
-    eventually(
-        "the host saw the client go",
-        Duration::from_secs(10),
-        || {
-            !t.host()
-                .logs_containing("client closed the connection")
-                .is_empty()
-        },
-    )
-    .await;
+    t.client_gone().await;
     stand_in.release("/api/v2/captures");
     t.tick().await;
     let calls: Vec<(String, String)> = stand_in
@@ -141,16 +123,7 @@ async fn a_client_that_disconnects_while_the_upstream_works(mode: Mode) {
     })
     .await;
     drop(client);
-    eventually(
-        "the host saw the client go",
-        Duration::from_secs(10),
-        || {
-            !t.host()
-                .logs_containing("client closed the connection")
-                .is_empty()
-        },
-    )
-    .await;
+    t.client_gone().await;
     t.api.release("/pay");
     t.tick().await;
     let retry = t.send("/pay", "\"k-mid\"", "{}").await;
@@ -218,16 +191,7 @@ async fn a_client_that_goes_away_while_the_inline_record_is_in_flight(mode: Mode
             )
             .await;
             drop(client);
-            eventually(
-                "the host saw the client go",
-                Duration::from_secs(10),
-                || {
-                    !t.host()
-                        .logs_containing("client closed the connection")
-                        .is_empty()
-                },
-            )
-            .await;
+            t.client_gone().await;
             stand_in.release("POST /api/v2/captures");
             t.tick().await;
             assert_eq!(records(&stand_in), 2, "sent again from the queue");

@@ -303,6 +303,21 @@ impl E2e {
         self.host().settle().await;
     }
 
+    /// Waits until the host has seen a client go away (noticed by its connection, so polled).
+    pub async fn client_gone(&self) {
+        eventually(
+            "the host saw the client go",
+            Duration::from_secs(10),
+            || {
+                !self
+                    .host()
+                    .logs_containing("client closed the connection")
+                    .is_empty()
+            },
+        )
+        .await;
+    }
+
     /// A counter's value (0 when the filter has not defined it).
     pub fn metric(&self, name: &str) -> i64 {
         self.host().metric(name).map_or(0, |m| m.value)
