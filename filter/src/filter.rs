@@ -69,21 +69,6 @@ pub struct Http {
     reply_out: usize,
 }
 
-/// What a request step wants the host to do next.
-enum Next {
-    Continue,
-    Pause,
-}
-
-impl Next {
-    fn action(self) -> Action {
-        match self {
-            Next::Continue => Action::Continue,
-            Next::Pause => Action::Pause,
-        }
-    }
-}
-
 impl Http {
     pub fn new(cfg: Option<Rc<Config>>) -> Http {
         Http {
@@ -105,7 +90,7 @@ impl Http {
 
     // ----- local replies -----
 
-    fn send_reply(&mut self, reply: LocalReply) -> Next {
+    fn send_reply(&mut self, reply: LocalReply) -> Action {
         let headers: Vec<(&str, &str)> = reply
             .headers
             .iter()
@@ -122,14 +107,14 @@ impl Http {
         self.phase = Phase::LocalReply;
         self.reply = Some(reply);
         self.reply_out = 0;
-        Next::Pause
+        Action::Pause
     }
 
-    fn send_problem(&mut self, kind: Kind, detail: &str, retry_after: Option<&str>) -> Next {
+    fn send_problem(&mut self, kind: Kind, detail: &str, retry_after: Option<&str>) -> Action {
         self.send_reply(problem::answer(kind, detail, retry_after))
     }
 
-    fn server_error(&mut self, cfg: &Config, reason: &str) -> Next {
+    fn server_error(&mut self, cfg: &Config, reason: &str) -> Action {
         match cfg.on_server_error {
             OnServerError::Reject => {
                 log(
@@ -150,21 +135,21 @@ impl Http {
                 );
                 count(Metric::PassedOnError);
                 self.phase = Phase::Idle;
-                Next::Continue
+                Action::Continue
             }
         }
     }
 
     // ----- request path -----
 
-    fn on_request_headers(&mut self, cfg: &Config, end_of_stream: bool) -> Next {
+    fn on_request_headers(&mut self, cfg: &Config, end_of_stream: bool) -> Action {
         self.host = crate::shared::host();
         // As bytes: nothing a client sends may make the filter panic (see `pairs`).
         let headers = header_map(MapType::HttpRequestHeaders);
         let get = |name: &str| pairs::get(&headers, name);
         let method = get(":method").unwrap_or(b"");
         if !std::str::from_utf8(method).is_ok_and(|m| cfg.applies_to(m)) {
-            return Next::Continue;
+            return Action::Continue;
         }
         let values: Vec<&[u8]> = headers
             .iter()
@@ -179,7 +164,7 @@ impl Http {
             }
             [] => {
                 count(Metric::NoKey);
-                return Next::Continue;
+                return Action::Continue;
             }
             [one] => *one,
             _ => {
@@ -244,13 +229,13 @@ impl Http {
         }
         self.phase = Phase::ReadingBody;
         if self.host.pause_headers_for_body() {
-            Next::Pause
+            Action::Pause
         } else {
-            Next::Continue
+            Action::Continue
         }
     }
 
-    fn too_large(&mut self, cfg: &Config) -> Next {
+    fn too_large(&mut self, cfg: &Config) -> Action {
         count(Metric::TooLarge);
         let detail = format!(
             "the request body is larger than this route's limit of {} bytes",
@@ -260,13 +245,13 @@ impl Http {
     }
 
     /// Kong: nginx spooled the body to a temporary file, which a filter cannot read.
-    fn spooled(&mut self, cfg: &Config) -> Next {
+    fn spooled(&mut self, cfg: &Config) -> Action {
         count(Metric::TooLarge);
         let detail = problem::spooled_detail(cfg.max_request_body_bytes);
         self.send_problem(Kind::BodySpooled, &detail, None)
     }
 
-    fn on_request_body(&mut self, cfg: &Config, size: usize, end_of_stream: bool) -> Next {
+    fn on_request_body(&mut self, cfg: &Config, size: usize, end_of_stream: bool) -> Action {
         // Kong: nginx spooled the body to a file; the filter sees it empty (HOSTS.md).
         if size == 0
             && end_of_stream
@@ -302,12 +287,12 @@ impl Http {
         }
         if !end_of_stream {
             // Envoy: StopIterationAndBuffer until the end (Kong delivers it whole).
-            return Next::Pause;
+            return Action::Pause;
         }
         self.allocate(cfg, false)
     }
 
-    fn allocate(&mut self, cfg: &Config, wait: bool) -> Next {
+    fn allocate(&mut self, cfg: &Config, wait: bool) -> Action {
         // Cloned: the `conflict: wait` retry sends the same fingerprint again.
         let fingerprint = self.fingerprint.clone().map(Fingerprint::finish);
         let body = decision::allocate_body(cfg, &self.key, fingerprint, wait);
@@ -315,7 +300,7 @@ impl Http {
         match call_backend(&cfg.server, "PUT", &body, timeout) {
             Ok(_) => {
                 self.phase = Phase::Allocating { wait };
-                Next::Pause
+                Action::Pause
             }
             Err(e) => self.server_error(
                 cfg,
@@ -324,14 +309,14 @@ impl Http {
         }
     }
 
-    fn on_allocated(&mut self, cfg: &Config, wait: bool, answer: &CallAnswer) -> Next {
+    fn on_allocated(&mut self, cfg: &Config, wait: bool, answer: &CallAnswer) -> Action {
         match decision::allocation(answer) {
             Allocation::Proceed { lease_token } => {
                 count(Metric::Allocated);
                 self.lease = Some(lease_token);
                 self.fingerprint = None;
                 self.phase = Phase::Proxying;
-                Next::Continue
+                Action::Continue
             }
             Allocation::Replay(capture) => {
                 match replay::from_capture(&capture, &cfg.strip_on_replay, &cfg.replay_header) {
@@ -515,7 +500,8 @@ impl Context for Http {
         let answer = CallAnswer::from_headers(&headers, body);
         match self.phase {
             Phase::Allocating { wait } => {
-                if let Next::Continue = self.on_allocated(&cfg, wait, &answer) {
+                let next = self.on_allocated(&cfg, wait, &answer);
+                if next == Action::Continue {
                     let _ = hostcalls::resume_http_request();
                 }
             }
@@ -533,7 +519,7 @@ impl HttpContext for Http {
         if self.phase != Phase::Idle {
             return Action::Continue;
         }
-        self.on_request_headers(&cfg, end_of_stream).action()
+        self.on_request_headers(&cfg, end_of_stream)
     }
 
     fn on_http_request_body(&mut self, size: usize, end_of_stream: bool) -> Action {
@@ -541,7 +527,7 @@ impl HttpContext for Http {
             return Action::Continue;
         };
         match self.phase {
-            Phase::ReadingBody => self.on_request_body(&cfg, size, end_of_stream).action(),
+            Phase::ReadingBody => self.on_request_body(&cfg, size, end_of_stream),
             // A local reply was sent from the headers: hold the body back.
             Phase::LocalReply => Action::Pause,
             _ => Action::Continue,
