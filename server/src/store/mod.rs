@@ -17,6 +17,7 @@ pub mod embedded;
 pub mod mongodb;
 pub mod redis;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -120,6 +121,26 @@ pub enum StoreError {
     Unavailable(String),
     #[error("a stored entry cannot be decoded: {0}")]
     Corrupt(String),
+}
+
+/// Whether a shared store (Redis, MongoDB) was shut down: from then on its operations fail
+/// with [`StoreError::Closed`].
+#[derive(Debug, Default)]
+pub(crate) struct Closed(AtomicBool);
+
+impl Closed {
+    pub(crate) fn check(&self) -> Result<(), StoreError> {
+        if self.0.load(Ordering::Acquire) {
+            Err(StoreError::Closed)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Closes it; `true` the first time.
+    pub(crate) fn close(&self) -> bool {
+        !self.0.swap(true, Ordering::AcqRel)
+    }
 }
 
 /// Why an attempt to open a shared store (Redis, MongoDB) failed.

@@ -63,7 +63,6 @@
 //! token) can record it, a token never matches it.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -77,8 +76,9 @@ use mongodb::options::{
 use mongodb::{Client, Collection, Database, IndexModel};
 
 use super::{
-    Allocate, AllocateOutcome, Entry, Record, RecordOutcome, Release, ReleaseOutcome, StartAttempt,
-    Store, StoreError, UnixMillis, fingerprints_conflict, new_lease_token, retry_start,
+    Allocate, AllocateOutcome, Closed, Entry, Record, RecordOutcome, Release, ReleaseOutcome,
+    StartAttempt, Store, StoreError, UnixMillis, fingerprints_conflict, new_lease_token,
+    retry_start,
 };
 use crate::config::redact_url;
 
@@ -128,7 +128,7 @@ pub struct MongoStore {
     default_lease: Duration,
     retention: Duration,
     last_migration: Mutex<Instant>,
-    closed: AtomicBool,
+    closed: Closed,
 }
 
 impl MongoStore {
@@ -184,7 +184,7 @@ impl MongoStore {
             default_lease: options.default_lease,
             retention: options.retention,
             last_migration: Mutex::new(Instant::now()),
-            closed: AtomicBool::new(false),
+            closed: Closed::default(),
         };
         store.ensure_indexes().await?;
         store.migrate().await.map_err(start_failure)?;
@@ -236,14 +236,6 @@ impl MongoStore {
             );
         }
         Ok(result.modified_count)
-    }
-
-    fn check_open(&self) -> Result<(), StoreError> {
-        if self.closed.load(Ordering::Acquire) {
-            Err(StoreError::Closed)
-        } else {
-            Ok(())
-        }
     }
 
     /// Run one command within the operation's time limit.
@@ -629,7 +621,7 @@ impl Store for MongoStore {
     }
 
     async fn allocate(&self, request: Allocate) -> Result<AllocateOutcome, StoreError> {
-        self.check_open()?;
+        self.closed.check()?;
         let token = new_lease_token();
         let fingerprint = request.fingerprint.as_deref();
         let update = allocate_update(&request.key, fingerprint, millis(request.lease), &token);
@@ -659,7 +651,7 @@ impl Store for MongoStore {
     }
 
     async fn record(&self, request: Record) -> Result<RecordOutcome, StoreError> {
-        self.check_open()?;
+        self.closed.check()?;
         let update = record_update(&request.capture, millis(request.retention))?;
         let document = self
             .call(
@@ -688,7 +680,7 @@ impl Store for MongoStore {
     }
 
     async fn release(&self, request: Release) -> Result<ReleaseOutcome, StoreError> {
-        self.check_open()?;
+        self.closed.check()?;
         let deleted = self
             .call(
                 self.collection
@@ -706,7 +698,7 @@ impl Store for MongoStore {
 
     /// `ping` on the primary: ready means writes can be served.
     async fn ready(&self) -> Result<(), StoreError> {
-        self.check_open()?;
+        self.closed.check()?;
         self.call(self.database.run_command(doc! { "ping": 1 }).into_future())
             .await
             .map_err(StoreError::from)?;
@@ -716,7 +708,7 @@ impl Store for MongoStore {
     /// MongoDB expires documents itself (the TTL index); this only reruns the migration of the
     /// old server's documents once a minute.
     async fn purge_expired(&self, _limit: usize) -> Result<usize, StoreError> {
-        self.check_open()?;
+        self.closed.check()?;
         {
             let mut last = self.last_migration.lock().expect("migration clock");
             if last.elapsed() < MIGRATION_INTERVAL {
@@ -731,7 +723,7 @@ impl Store for MongoStore {
     /// Nothing to flush: every answer was sent after its write was acknowledged. Closes the
     /// connections.
     async fn shutdown(&self) -> Result<(), StoreError> {
-        if !self.closed.swap(true, Ordering::AcqRel) {
+        if self.closed.close() {
             self.client.clone().shutdown().await;
         }
         Ok(())

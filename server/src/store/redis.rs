@@ -36,7 +36,6 @@
 //! replicas have the change, and is a 503 if they do not within `--redis-wait-timeout`.
 //! See the README's durability table.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use ::redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
@@ -48,8 +47,8 @@ use async_trait::async_trait;
 use idempotency_spec::Capture;
 
 use super::{
-    Allocate, AllocateOutcome, Record, RecordOutcome, Release, ReleaseOutcome, StartAttempt, Store,
-    StoreError, new_lease_token, retry_start,
+    Allocate, AllocateOutcome, Closed, Record, RecordOutcome, Release, ReleaseOutcome,
+    StartAttempt, Store, StoreError, new_lease_token, retry_start,
 };
 use crate::config::redact_url;
 
@@ -165,7 +164,7 @@ pub struct RedisStore {
     timeout: Duration,
     wait_replicas: u32,
     wait_timeout: Duration,
-    closed: AtomicBool,
+    closed: Closed,
 }
 
 /// The longest lease or retention handed to a script, in ms (about 35,000 years): past it a
@@ -244,7 +243,7 @@ impl RedisStore {
             timeout,
             wait_replicas: options.wait_replicas,
             wait_timeout: options.wait_timeout,
-            closed: AtomicBool::new(false),
+            closed: Closed::default(),
         })
     }
 
@@ -252,20 +251,12 @@ impl RedisStore {
         format!("{}{key}", self.prefix)
     }
 
-    fn check_open(&self) -> Result<(), StoreError> {
-        if self.closed.load(Ordering::Acquire) {
-            Err(StoreError::Closed)
-        } else {
-            Ok(())
-        }
-    }
-
     /// Run one call to Redis within the operation's time limit.
     async fn call<T>(
         &self,
         call: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        self.check_open()?;
+        self.closed.check()?;
         let limit = self.timeout
             + if self.wait_replicas > 0 {
                 self.wait_timeout
@@ -408,7 +399,7 @@ impl Store for RedisStore {
     /// Nothing to flush: every answer was sent after Redis acknowledged its write. Later calls
     /// fail with [`StoreError::Closed`]; the connections close when the store is dropped.
     async fn shutdown(&self) -> Result<(), StoreError> {
-        self.closed.store(true, Ordering::Release);
+        self.closed.close();
         Ok(())
     }
 }
