@@ -62,7 +62,7 @@ pub struct CaptureBuf {
 
 impl CaptureBuf {
     /// Starts a copy from the response headers (`:status` included or not).
-    pub fn new(status: u16, headers: &[(String, String)], limit: u64) -> CaptureBuf {
+    pub fn new(status: u16, mut headers: Vec<(String, String)>, limit: u64) -> CaptureBuf {
         let tokens = connection_tokens(headers.iter().map(|(n, v)| (n.as_str(), v.as_str())));
         let content_length = headers
             .iter()
@@ -70,13 +70,10 @@ impl CaptureBuf {
             .and_then(|(_, v)| v.trim().parse::<u64>().ok());
         let limit = usize::try_from(limit).unwrap_or(usize::MAX);
         let overflow = content_length.is_some_and(|cl| cl > limit as u64);
+        headers.retain(|(n, _)| !is_hop_by_hop(n, &tokens));
         CaptureBuf {
             status,
-            headers: headers
-                .iter()
-                .filter(|(n, _)| !is_hop_by_hop(n, &tokens))
-                .cloned()
-                .collect(),
+            headers,
             content_length,
             body: Vec::new(),
             limit,
@@ -101,7 +98,7 @@ impl CaptureBuf {
                 },
             )
             .collect();
-        let mut c = CaptureBuf::new(status, &text, limit);
+        let mut c = CaptureBuf::new(status, text, limit);
         c.unstorable = unstorable;
         c
     }
@@ -139,8 +136,9 @@ impl CaptureBuf {
     }
 
     /// The record body (`POST /captures`): the body base64 (standard alphabet), every header
-    /// as its own entry (two `Set-Cookie` stay two).
-    pub fn record_body(&self, idempotency_key: &str, lease_token: &str) -> Vec<u8> {
+    /// as its own entry (two `Set-Cookie` stay two). The copy ends here: its headers move into
+    /// the record.
+    pub fn record_body(self, idempotency_key: &str, lease_token: &str) -> Vec<u8> {
         let record = CaptureRecord {
             idempotency_key: idempotency_key.to_string(),
             lease_token: Some(lease_token.to_string()),
@@ -149,10 +147,10 @@ impl CaptureBuf {
                 response_body: STANDARD.encode(&self.body),
                 response_headers: self
                     .headers
-                    .iter()
-                    .map(|(k, v)| Header {
-                        key: k.clone(),
-                        value: HeaderValue::One(v.clone()),
+                    .into_iter()
+                    .map(|(key, v)| Header {
+                        key,
+                        value: HeaderValue::One(v),
                     })
                     .collect(),
             },
@@ -255,7 +253,7 @@ mod tests {
     fn copies_headers_without_hop_by_hop_and_keeps_repeats() {
         let c = CaptureBuf::new(
             201,
-            &h(&[
+            h(&[
                 (":status", "201"),
                 ("content-type", "application/octet-stream"),
                 ("set-cookie", "a=1"),
@@ -283,20 +281,20 @@ mod tests {
 
     #[test]
     fn body_is_stored_base64_byte_for_byte() {
-        let mut c = CaptureBuf::new(200, &[], 10);
+        let mut c = CaptureBuf::new(200, Vec::new(), 10);
         c.push(&[0, 255, 10]);
         c.push(&[13]);
+        assert_eq!(at_end(Some(&c), true, &below_500()), End::Record);
         let rec: CaptureRecord = serde_json::from_slice(&c.record_body("k", "t")).unwrap();
         assert_eq!(
             STANDARD.decode(rec.response.response_body).unwrap(),
             [0, 255, 10, 13]
         );
-        assert_eq!(at_end(Some(&c), true, &below_500()), End::Record);
     }
 
     #[test]
     fn over_the_limit_releases() {
-        let mut c = CaptureBuf::new(200, &[], 4);
+        let mut c = CaptureBuf::new(200, Vec::new(), 4);
         c.push(b"abc");
         c.push(b"de");
         assert!(c.overflow());
@@ -305,9 +303,9 @@ mod tests {
             at_end(Some(&c), true, &below_500()),
             End::Release(ReleaseReason::TooLarge)
         );
-        let c = CaptureBuf::new(200, &h(&[("Content-Length", "5")]), 4);
+        let c = CaptureBuf::new(200, h(&[("Content-Length", "5")]), 4);
         assert!(c.overflow(), "known too large from Content-Length");
-        let mut c = CaptureBuf::new(200, &[], 4);
+        let mut c = CaptureBuf::new(200, Vec::new(), 4);
         c.push(b"abcd");
         assert!(!c.overflow(), "exactly the limit is kept");
     }
@@ -320,25 +318,25 @@ mod tests {
             End::Release(ReleaseReason::NoResponse)
         );
         for s in [502, 504] {
-            let c = CaptureBuf::new(s, &[], 10);
+            let c = CaptureBuf::new(s, Vec::new(), 10);
             let all = StatusSet(vec![(100, 599)]);
             assert_eq!(
                 at_end(Some(&c), true, &all),
                 End::Release(ReleaseReason::GatewayFailure)
             );
         }
-        let c = CaptureBuf::new(503, &[], 10);
+        let c = CaptureBuf::new(503, Vec::new(), 10);
         assert_eq!(
             at_end(Some(&c), true, &store),
             End::Release(ReleaseReason::NotStored)
         );
-        let c = CaptureBuf::new(500, &[], 10);
+        let c = CaptureBuf::new(500, Vec::new(), 10);
         assert_eq!(
             at_end(Some(&c), true, &StatusSet(vec![(500, 500)])),
             End::Record
         );
         // No end of stream: complete only when Content-Length bytes were seen.
-        let mut c = CaptureBuf::new(200, &h(&[("content-length", "3")]), 10);
+        let mut c = CaptureBuf::new(200, h(&[("content-length", "3")]), 10);
         c.push(b"ab");
         assert_eq!(
             at_end(Some(&c), false, &store),
@@ -346,14 +344,14 @@ mod tests {
         );
         c.push(b"c");
         assert_eq!(at_end(Some(&c), false, &store), End::Record);
-        let c = CaptureBuf::new(200, &[], 10);
+        let c = CaptureBuf::new(200, Vec::new(), 10);
         assert_eq!(
             at_end(Some(&c), false, &store),
             End::Release(ReleaseReason::Incomplete)
         );
         // A 204 or 304 has no body: complete without end of stream or Content-Length.
         for s in [204, 304] {
-            let c = CaptureBuf::new(s, &[], 10);
+            let c = CaptureBuf::new(s, Vec::new(), 10);
             assert_eq!(at_end(Some(&c), false, &store), End::Record);
         }
     }

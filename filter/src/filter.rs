@@ -368,8 +368,9 @@ impl Http {
         let Some(lease) = self.lease.clone() else {
             return Action::Continue;
         };
-        let end = capture::at_end(self.capture.as_ref(), complete, &cfg.store_status);
-        let (op, body) = match (end, self.capture.as_ref()) {
+        let copy = self.capture.take();
+        let end = capture::at_end(copy.as_ref(), complete, &cfg.store_status);
+        let (op, body) = match (end, copy) {
             (End::Record, Some(c)) => (Op::Record, c.record_body(&self.key, &lease)),
             (End::Release(reason), _) => {
                 log(LogLevel::Debug, &format!("releasing: {}", reason.as_str()));
@@ -377,7 +378,6 @@ impl Http {
             }
             (End::Record, None) => (Op::Release, capture::release_body(&self.key, &lease)),
         };
-        self.capture = None;
         if may_hold
             && host::inline(cfg.record, self.host)
             && call_backend(&cfg.server, op.method(), &body, cfg.server.timeout_ms).is_ok()
