@@ -7,6 +7,7 @@ use base64::engine::general_purpose::STANDARD;
 use idempotency_spec::{Capture, CaptureRecord, Header, HeaderValue, ReleaseRequest};
 
 use crate::config::StatusSet;
+use crate::pairs::Pairs;
 
 /// Headers that describe one connection, never stored nor replayed (RFC 9110 §7.6.1), plus
 /// `content-length`, which is recomputed on replay.
@@ -84,13 +85,13 @@ impl CaptureBuf {
     }
 
     /// Starts a copy from the response headers as the host gives them (values as bytes).
-    pub fn from_bytes(status: u16, headers: &[(Vec<u8>, Vec<u8>)], limit: u64) -> CaptureBuf {
+    pub fn from_bytes(status: u16, headers: Pairs, limit: u64) -> CaptureBuf {
         let mut unstorable = false;
         let text: Vec<(String, String)> = headers
-            .iter()
+            .into_iter()
             .filter_map(
-                |(n, v)| match (std::str::from_utf8(n), std::str::from_utf8(v)) {
-                    (Ok(n), Ok(v)) => Some((n.to_string(), v.to_string())),
+                |(n, v)| match (String::from_utf8(n), String::from_utf8(v)) {
+                    (Ok(n), Ok(v)) => Some((n, v)),
                     _ => {
                         unstorable = true;
                         None
@@ -362,7 +363,7 @@ mod tests {
             (b"content-type".to_vec(), b"text/plain".to_vec()),
             (b"x-name".to_vec(), b"caf\xe9".to_vec()),
         ];
-        let mut c = CaptureBuf::from_bytes(200, &headers, 10);
+        let mut c = CaptureBuf::from_bytes(200, headers.clone(), 10);
         assert!(c.overflow(), "nothing is copied");
         c.push(b"abc");
         assert_eq!(c.seen(), 3);
@@ -370,7 +371,7 @@ mod tests {
             at_end(Some(&c), true, &below_500()),
             End::Release(ReleaseReason::Unstorable)
         );
-        let ok = CaptureBuf::from_bytes(200, &headers[..1], 10);
+        let ok = CaptureBuf::from_bytes(200, headers[..1].to_vec(), 10);
         assert_eq!(ok.headers, h(&[("content-type", "text/plain")]));
         assert_eq!(at_end(Some(&ok), true, &below_500()), End::Record);
     }

@@ -550,7 +550,7 @@ impl HttpContext for Http {
                 if let Some(status) = status {
                     self.capture = Some(CaptureBuf::from_bytes(
                         status,
-                        &headers,
+                        headers,
                         cfg.max_capture_bytes,
                     ));
                 }
