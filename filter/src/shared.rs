@@ -1,6 +1,7 @@
 //! Module memory shared by the root and HTTP contexts of one instance: the deferred queue,
-//! the metric ids, the detected host. A Wasm instance is single-threaded; every borrow here is
-//! short and never held across a host call that could call back into the module.
+//! the metric ids, the detected host; and the host calls both make (header maps as bytes,
+//! calls to the backend, the clock, the log). A Wasm instance is single-threaded; every borrow
+//! here is short and never held across a host call that could call back into the module.
 
 use std::cell::{Cell, RefCell};
 use std::time::Duration;
