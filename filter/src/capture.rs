@@ -59,6 +59,8 @@ pub struct CaptureBuf {
     /// A header value is not UTF-8: the backend stores text, so this response cannot be
     /// replayed exactly; it passes and the key is released.
     unstorable: bool,
+    /// A body chunk could not be read from the host: the copy misses bytes the client got.
+    unreadable: bool,
 }
 
 impl CaptureBuf {
@@ -81,6 +83,7 @@ impl CaptureBuf {
             seen: 0,
             overflow,
             unstorable: false,
+            unreadable: false,
         }
     }
 
@@ -107,7 +110,7 @@ impl CaptureBuf {
     /// Adds a body chunk; past the limit the copy is dropped (the response still passes).
     pub fn push(&mut self, chunk: &[u8]) {
         self.seen = self.seen.saturating_add(chunk.len() as u64);
-        if self.overflow || self.unstorable {
+        if self.overflow() {
             return;
         }
         if self.body.len().saturating_add(chunk.len()) > self.limit {
@@ -116,6 +119,14 @@ impl CaptureBuf {
             return;
         }
         self.body.extend_from_slice(chunk);
+    }
+
+    /// Counts a chunk the host would not give (or gave short): the copy can never be whole,
+    /// so the response is released rather than recorded without those bytes.
+    pub fn lost(&mut self, len: usize) {
+        self.seen = self.seen.saturating_add(len as u64);
+        self.unreadable = true;
+        self.body = Vec::new();
     }
 
     /// Counts a chunk that is not copied (the copy already overflowed).
@@ -129,7 +140,7 @@ impl CaptureBuf {
 
     /// Whether copying the body is pointless (too large, or the response cannot be stored).
     pub fn overflow(&self) -> bool {
-        self.overflow || self.unstorable
+        self.overflow || self.unstorable || self.unreadable
     }
 
     pub fn seen(&self) -> u64 {
@@ -182,6 +193,8 @@ pub enum ReleaseReason {
     NoResponse,
     /// A 502 or 504: a proxy-generated failure or time-out, never stored.
     GatewayFailure,
+    /// A 1xx final status (101 Switching Protocols): nothing a retry could be given back.
+    Informational,
     /// The status is not in `store_status`.
     NotStored,
     /// The body exceeded `max_capture_bytes`.
@@ -190,6 +203,8 @@ pub enum ReleaseReason {
     Incomplete,
     /// A header value is not UTF-8, which the backend's capture (JSON text) cannot hold.
     Unstorable,
+    /// A body chunk could not be read from the host: the copy would miss it.
+    Unreadable,
 }
 
 impl ReleaseReason {
@@ -197,10 +212,12 @@ impl ReleaseReason {
         match self {
             ReleaseReason::NoResponse => "no response",
             ReleaseReason::GatewayFailure => "gateway failure (502/504)",
+            ReleaseReason::Informational => "informational status (1xx)",
             ReleaseReason::NotStored => "status not in store_status",
             ReleaseReason::TooLarge => "response larger than max_capture_bytes",
             ReleaseReason::Incomplete => "response incomplete",
             ReleaseReason::Unstorable => "a response header is not UTF-8",
+            ReleaseReason::Unreadable => "a response body chunk could not be read",
         }
     }
 }
@@ -215,6 +232,10 @@ pub fn at_end(capture: Option<&CaptureBuf>, complete: bool, store: &StatusSet) -
     if c.status == 502 || c.status == 504 {
         return End::Release(ReleaseReason::GatewayFailure);
     }
+    // A replay answers with a final response; a 1xx one (an upgrade) cannot be given twice.
+    if c.status < 200 {
+        return End::Release(ReleaseReason::Informational);
+    }
     if !store.contains(c.status) {
         return End::Release(ReleaseReason::NotStored);
     }
@@ -223,6 +244,9 @@ pub fn at_end(capture: Option<&CaptureBuf>, complete: bool, store: &StatusSet) -
     }
     if c.unstorable {
         return End::Release(ReleaseReason::Unstorable);
+    }
+    if c.unreadable {
+        return End::Release(ReleaseReason::Unreadable);
     }
     // Without end of stream: the bytes seen equal Content-Length, or a status that never
     // has a body (204, 304) and none was seen.
@@ -290,6 +314,30 @@ mod tests {
         assert_eq!(
             STANDARD.decode(rec.response.response_body).unwrap(),
             [0, 255, 10, 13]
+        );
+    }
+
+    #[test]
+    fn a_chunk_the_host_would_not_give_releases() {
+        let mut c = CaptureBuf::new(200, h(&[("content-length", "6")]), 100);
+        c.push(b"abc");
+        c.lost(3);
+        c.push(b"def");
+        assert_eq!(c.seen(), 9);
+        assert_eq!(
+            at_end(Some(&c), true, &below_500()),
+            End::Release(ReleaseReason::Unreadable)
+        );
+    }
+
+    #[test]
+    fn a_final_1xx_is_never_stored() {
+        // `store_status` may include 100-199 (the default does), but a replay answers with a
+        // final response: an upgrade (101) cannot be given to a retry.
+        let c = CaptureBuf::new(101, Vec::new(), 100);
+        assert_eq!(
+            at_end(Some(&c), true, &below_500()),
+            End::Release(ReleaseReason::Informational)
         );
     }
 

@@ -582,8 +582,8 @@ impl HttpContext for Http {
                         c.skip(size);
                     } else {
                         match hostcalls::get_buffer(BufferType::HttpResponseBody, 0, size) {
-                            Ok(Some(bytes)) => c.push(&bytes),
-                            _ => c.skip(size),
+                            Ok(Some(bytes)) if bytes.len() == size => c.push(&bytes),
+                            _ => c.lost(size),
                         }
                     }
                 }
