@@ -23,7 +23,8 @@ use subtle::ConstantTimeEq;
 
 use crate::error::ApiError;
 use crate::store::{
-    self, AllocateOutcome, RecordOutcome, ReleaseOutcome, Store, UnixMillis, now_ms,
+    self, AllocateOutcome, BatchOp, BatchOutcome, RecordOutcome, ReleaseOutcome, Store, UnixMillis,
+    now_ms,
 };
 use crate::wait::{self, Waiters};
 
@@ -54,8 +55,11 @@ pub fn router(state: AppState) -> Router {
         .post(record)
         .delete(release)
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    let batch = axum::routing::post(batch)
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route(spec::CAPTURES_PATH, captures)
+        .route(spec::BATCH_PATH, batch)
         .route("/-/ping", get(ping))
         .route("/-/ready", get(ready))
         .route("/openapi.yaml", get(openapi))
@@ -93,17 +97,22 @@ impl<T: DeserializeOwned> FromRequest<AppState> for Payload<T> {
         }
         serde_json::from_slice(&bytes)
             .map(Payload)
-            .map_err(|e| match e.classify() {
-                serde_json::error::Category::Data => ApiError::MalformedPayload(Some(
-                    // Without serde's " at line 1 column 42": the field is what matters.
-                    e.to_string()
-                        .split(" at line ")
-                        .next()
-                        .unwrap_or_default()
-                        .to_owned(),
-                )),
-                _ => ApiError::MalformedPayload(None),
-            })
+            .map_err(malformed)
+    }
+}
+
+/// A body that did not deserialize: 400, naming the field when serde can.
+fn malformed(e: serde_json::Error) -> ApiError {
+    match e.classify() {
+        serde_json::error::Category::Data => ApiError::MalformedPayload(Some(
+            // Without serde's " at line 1 column 42": the field is what matters.
+            e.to_string()
+                .split(" at line ")
+                .next()
+                .unwrap_or_default()
+                .to_owned(),
+        )),
+        _ => ApiError::MalformedPayload(None),
     }
 }
 
@@ -182,37 +191,48 @@ async fn allocate(
         fingerprint: request.fingerprint,
         lease,
     };
-    match wait::allocate(&*state.store, &state.waiters, operation, wait).await? {
+    let (outcome, waited) = wait::allocate(&*state.store, &state.waiters, operation, wait).await?;
+    let mut response = match outcome {
         AllocateOutcome::Allocated {
             lease_token,
             lease_expires_at,
-        } => Ok(json(
+        } => json(
             StatusCode::ACCEPTED,
             &spec::Allocated {
                 lease_token,
                 lease_expires_at: rfc3339(lease_expires_at),
             },
-        )),
-        AllocateOutcome::Completed(capture) => Ok(json(
+        ),
+        AllocateOutcome::Completed(capture) => json(
             StatusCode::OK,
             &spec::CaptureRecord {
                 idempotency_key: key,
                 lease_token: None,
                 response: capture,
             },
-        )),
-        AllocateOutcome::InFlight { lease_expires_at } => Err(ApiError::InFlight {
+        ),
+        AllocateOutcome::InFlight { lease_expires_at } => ApiError::InFlight {
             retry_after_secs: retry_after_secs(lease_expires_at, now_ms()),
-        }),
-        AllocateOutcome::FingerprintMismatch => Err(ApiError::FingerprintMismatch),
+        }
+        .into_response(),
+        AllocateOutcome::FingerprintMismatch => ApiError::FingerprintMismatch.into_response(),
+    };
+    if let Some(waited) = waited {
+        // Tells a response the caller waited for from a plain replay (the filter counts them
+        // apart without asking twice).
+        let ms = u64::try_from(waited.as_millis()).unwrap_or(u64::MAX);
+        response
+            .headers_mut()
+            .insert(spec::WAITED_HEADER, HeaderValue::from(ms));
     }
+    Ok(response)
 }
 
-/// `POST /api/v2/captures`: record.
-async fn record(
-    State(state): State<AppState>,
-    Payload(request): Payload<spec::CaptureRecord>,
-) -> Result<Response, ApiError> {
+/// A record's checks (400, 422), before the store is asked.
+fn record_request(
+    request: spec::CaptureRecord,
+    policy: &Policy,
+) -> Result<store::Record, ApiError> {
     let status = request.response.response_status;
     if !spec::STATUS_RANGE.contains(&status) {
         return Err(out_of_range(format!(
@@ -222,28 +242,69 @@ async fn record(
         )));
     }
     check_key(&request.idempotency_key)?;
-
-    let key = request.idempotency_key;
-    let operation = store::Record {
-        key: key.clone(),
+    Ok(store::Record {
+        key: request.idempotency_key,
         lease_token: request.lease_token,
         capture: request.response,
-        retention: state.policy.retention,
-    };
-    match state.store.record(operation).await? {
+        retention: policy.retention,
+    })
+}
+
+/// A release's checks (422), before the store is asked.
+fn release_request(request: spec::ReleaseRequest) -> Result<store::Release, ApiError> {
+    check_key(&request.idempotency_key)?;
+    Ok(store::Release {
+        key: request.idempotency_key,
+        lease_token: request.lease_token,
+    })
+}
+
+/// The answer to a record the store applied; wakes the waits on the key once it is stored.
+fn recorded(
+    state: &AppState,
+    key: String,
+    outcome: RecordOutcome,
+) -> Result<spec::Recorded, ApiError> {
+    match outcome {
         RecordOutcome::Stored { expires_at } => {
             // Committed: whoever waits on the key may replay it now.
             state.waiters.notify(&key);
-            Ok(json(
-                StatusCode::OK,
-                &spec::Recorded {
-                    idempotency_key: key,
-                    expires_at: rfc3339(expires_at),
-                },
-            ))
+            Ok(spec::Recorded {
+                idempotency_key: key,
+                expires_at: rfc3339(expires_at),
+            })
         }
         RecordOutcome::Forbidden => Err(ApiError::NotAllocated),
     }
+}
+
+/// The answer to a release the store applied; wakes the waits on the key once it is free.
+fn released(
+    state: &AppState,
+    key: String,
+    outcome: ReleaseOutcome,
+) -> Result<spec::Released, ApiError> {
+    match outcome {
+        ReleaseOutcome::Released => {
+            // Free: whoever waits on the key may take it now.
+            state.waiters.notify(&key);
+            Ok(spec::Released {
+                idempotency_key: key,
+            })
+        }
+        ReleaseOutcome::Forbidden => Err(ApiError::NotAllocated),
+    }
+}
+
+/// `POST /api/v2/captures`: record.
+async fn record(
+    State(state): State<AppState>,
+    Payload(request): Payload<spec::CaptureRecord>,
+) -> Result<Response, ApiError> {
+    let operation = record_request(request, &state.policy)?;
+    let key = operation.key.clone();
+    let outcome = state.store.record(operation).await?;
+    Ok(json(StatusCode::OK, &recorded(&state, key, outcome)?))
 }
 
 /// `DELETE /api/v2/captures`: release.
@@ -251,25 +312,97 @@ async fn release(
     State(state): State<AppState>,
     Payload(request): Payload<spec::ReleaseRequest>,
 ) -> Result<Response, ApiError> {
-    check_key(&request.idempotency_key)?;
-    let key = request.idempotency_key;
-    let operation = store::Release {
-        key: key.clone(),
-        lease_token: request.lease_token,
-    };
-    match state.store.release(operation).await? {
-        ReleaseOutcome::Released => {
-            // Free: whoever waits on the key may take it now.
-            state.waiters.notify(&key);
-            Ok(json(
-                StatusCode::OK,
-                &spec::Released {
-                    idempotency_key: key,
-                },
-            ))
-        }
-        ReleaseOutcome::Forbidden => Err(ApiError::NotAllocated),
+    let operation = release_request(request)?;
+    let key = operation.key.clone();
+    let outcome = state.store.release(operation).await?;
+    Ok(json(StatusCode::OK, &released(&state, key, outcome)?))
+}
+
+/// `{"operations": [...]}`: each item is read on its own, so that a malformed one is answered
+/// 400 by itself and the others still apply.
+#[derive(serde::Deserialize)]
+struct BatchRequest {
+    operations: Vec<serde_json::Value>,
+}
+
+/// One batch item, as read: the store operation, or the answer it gets without the store.
+fn batch_item(item: serde_json::Value, policy: &Policy) -> Result<BatchOp, ApiError> {
+    if !item.is_object() {
+        return Err(ApiError::MalformedPayload(None));
     }
+    let op: spec::BatchOperation = serde_json::from_value(item).map_err(malformed)?;
+    Ok(match op {
+        spec::BatchOperation::Record(r) => BatchOp::Record(record_request(r, policy)?),
+        spec::BatchOperation::Release(r) => BatchOp::Release(release_request(r)?),
+    })
+}
+
+/// An item's answer as the single call would send it: its status and its JSON body.
+fn batch_result<T: Serialize>(answer: Result<T, ApiError>) -> spec::BatchResult<serde_json::Value> {
+    let (status, body) = match answer {
+        Ok(body) => (StatusCode::OK, serde_json::to_value(&body)),
+        Err(e) => {
+            if let ApiError::Store(cause) = &e {
+                tracing::error!(error = %cause, "store failure (batch item)");
+            }
+            (e.status(), serde_json::to_value(e.problem()))
+        }
+    };
+    spec::BatchResult {
+        status: status.as_u16(),
+        body: body.expect("an answer always encodes"),
+    }
+}
+
+/// `POST /api/v2/captures/batch`: many records and releases in one call (what the filter's
+/// deferred queue sends). Each item is checked and answered exactly as its single call (200,
+/// 400, 403, 422, 503, in a result of its own); the items the checks let through go to the
+/// store together (one transaction and one sync in the embedded store, one pipeline in
+/// Redis), and nothing is answered before all of them are durable.
+async fn batch(
+    State(state): State<AppState>,
+    Payload(request): Payload<BatchRequest>,
+) -> Result<Response, ApiError> {
+    if request.operations.len() > spec::MAX_BATCH_OPERATIONS {
+        return Err(out_of_range(format!(
+            "operations must hold at most {} items",
+            spec::MAX_BATCH_OPERATIONS
+        )));
+    }
+    // Per item: its key, or the answer the checks gave it; the rest go to the store, in order.
+    let mut items: Vec<Result<String, ApiError>> = Vec::new();
+    let mut valid: Vec<BatchOp> = Vec::new();
+    for item in request.operations {
+        items.push(batch_item(item, &state.policy).map(|op| {
+            let key = match &op {
+                BatchOp::Record(r) => r.key.clone(),
+                BatchOp::Release(r) => r.key.clone(),
+            };
+            valid.push(op);
+            key
+        }));
+    }
+    let mut outcomes = state.store.batch(valid).await.into_iter();
+    let results = items
+        .into_iter()
+        .map(|item| {
+            let key = match item {
+                Ok(key) => key,
+                Err(e) => return batch_result::<()>(Err(e)),
+            };
+            let outcome = outcomes.next().unwrap_or_else(|| {
+                Err(store::StoreError::Unavailable(
+                    "the store answered fewer items than it was given".into(),
+                ))
+            });
+            match outcome {
+                Err(e) => batch_result::<()>(Err(e.into())),
+                Ok(BatchOutcome::Record(o)) => batch_result(recorded(&state, key, o)),
+                Ok(BatchOutcome::Release(o)) => batch_result(released(&state, key, o)),
+            }
+        })
+        .collect();
+    Ok(json(StatusCode::OK, &spec::BatchAnswer { results }))
 }
 
 /// `GET /-/ping`: the process answers (the old shape).

@@ -83,36 +83,40 @@ impl Drop for Subscription<'_> {
     }
 }
 
-/// Allocate, and while the key is in flight wait up to `wait` for it to change.
+/// Allocate, and while the key is in flight wait up to `wait` for it to change. The outcome,
+/// and how long it waited when it found the key in flight (`None` when it did not wait), so
+/// that the caller can tell a response it waited for from a plain replay.
 pub async fn allocate(
     store: &dyn Store,
     waiters: &Waiters,
     request: Allocate,
     wait: Duration,
-) -> Result<AllocateOutcome, StoreError> {
+) -> Result<(AllocateOutcome, Option<Duration>), StoreError> {
     if wait.is_zero() {
-        return store.allocate(request).await;
+        return Ok((store.allocate(request).await?, None));
     }
-    let deadline = Instant::now() + wait;
+    let started = Instant::now();
+    let deadline = started + wait;
     let subscription = waiters.subscribe(&request.key);
     let mut shutdown = waiters.shutdown.clone();
     let mut backoff = FIRST_BACKOFF;
-    let mut logged = false;
+    let mut waiting = false;
     loop {
         // Created before the attempt: a notification fired between the attempt and the await
         // below is not lost (a `Notified` receives `notify_waiters` from its creation on).
         let notified = subscription.notify.notified();
         let outcome = store.allocate(request.clone()).await?;
+        let waited = waiting.then(|| started.elapsed());
         let AllocateOutcome::InFlight { lease_expires_at } = outcome else {
-            return Ok(outcome);
+            return Ok((outcome, waited));
         };
         let now = Instant::now();
         if now >= deadline || *shutdown.borrow() {
-            return Ok(outcome);
+            return Ok((outcome, Some(started.elapsed())));
         }
-        if !logged {
+        if !waiting {
             tracing::debug!(key = %request.key, "waiting for the holder of the key");
-            logged = true;
+            waiting = true;
         }
         // Retry no later than the lease's end (it may be taken over then) and the deadline.
         let until_lease = Duration::from_millis(lease_expires_at.saturating_sub(now_ms()) + 1);

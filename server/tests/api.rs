@@ -474,6 +474,18 @@ async fn wait_ms_returns_the_capture_recorded_during_the_wait() {
     let answer = waiter.await.unwrap();
     assert_eq!(answer.status, 200, "{answer:?}");
     assert_eq!(answer.json["response"], response("w"));
+    // It says it waited (a plain replay does not, even with wait_ms).
+    let waited: u64 = answer
+        .header("idempotency-waited-ms")
+        .expect("the header of an allocation that waited")
+        .parse()
+        .expect("milliseconds");
+    assert!(waited < 20_000, "{waited}");
+    let replay = c
+        .allocate(json!({ "idempotency_key": "waited", "wait_ms": 20_000 }))
+        .await;
+    assert_eq!(replay.status, 200);
+    assert_eq!(replay.header("idempotency-waited-ms"), None);
     server.stop().await;
 }
 
@@ -498,6 +510,7 @@ async fn wait_ms_allocates_when_the_holder_releases() {
     let answer = waiter.await.unwrap();
     assert_lease(&answer);
     assert_ne!(answer.lease_token(), token);
+    assert!(answer.header("idempotency-waited-ms").is_some());
     server.stop().await;
 }
 
@@ -527,6 +540,128 @@ async fn wait_ms_answers_409_at_the_deadline() {
         .await;
     answer.assert_problem(409, problem_type::IN_FLIGHT);
     assert!(answer.retry_after() >= 1);
+    let waited: u64 = answer
+        .header("idempotency-waited-ms")
+        .expect("waited until the deadline")
+        .parse()
+        .unwrap();
+    assert!(waited >= 300, "{waited}");
+    // A free key is allocated at once: no wait, no header.
+    let fresh = c
+        .allocate(json!({ "idempotency_key": "fresh", "wait_ms": 300 }))
+        .await;
+    assert_lease(&fresh);
+    assert_eq!(fresh.header("idempotency-waited-ms"), None);
+    server.stop().await;
+}
+
+/// `POST /api/v2/captures/batch` and the answer of each item, as a user reads them.
+fn results(answer: &Answer) -> Vec<(u64, Value)> {
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert_eq!(answer.content_type(), "application/json");
+    answer.json["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .map(|r| (r["status"].as_u64().unwrap(), r["body"].clone()))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_batch_answers_each_item_as_its_single_call_would() {
+    let server = TestServer::start().await;
+    let c = &server.client;
+    let done = c.lease("YmF0Y2gtZG9uZQ").await;
+    let freed = c.lease("YmF0Y2gtZnJlZWQ").await;
+    let old = c.lease("YmF0Y2gtb2xk").await;
+    let answer = c
+        .send(
+            "POST",
+            "/api/v2/captures/batch",
+            Some(
+                json!({ "operations": [
+                    { "op": "record", "idempotency_key": "YmF0Y2gtZG9uZQ", "lease_token": done, "response": response("d") },
+                    { "op": "release", "idempotency_key": "YmF0Y2gtZnJlZWQ", "lease_token": freed },
+                    { "op": "record", "idempotency_key": "bmV2ZXI", "response": response("n") },
+                    { "op": "record", "idempotency_key": "==", "response": response("k") },
+                    { "op": "record", "idempotency_key": "YmF0Y2gtb2xk" },
+                    { "op": "record", "idempotency_key": "YmF0Y2gtb2xk", "response": { "response_status": 99, "response_body": "", "response_headers": [] } },
+                    { "op": "upsert", "idempotency_key": "YmF0Y2gtb2xk" },
+                    ["not", "an", "object"],
+                    { "op": "release", "idempotency_key": "YmF0Y2gtb2xk" },
+                ]})
+                .to_string(),
+            ),
+        )
+        .await;
+    let r = results(&answer);
+    assert_eq!(r.len(), 9, "one result per operation, in order");
+    // 200 with the single call's bodies.
+    assert_eq!(r[0].0, 200);
+    assert_eq!(r[0].1["idempotency_key"], "YmF0Y2gtZG9uZQ");
+    humantime::parse_rfc3339(r[0].1["expires_at"].as_str().unwrap()).unwrap();
+    assert_eq!(r[1], (200, json!({ "idempotency_key": "YmF0Y2gtZnJlZWQ" })));
+    // The single call's problems, with the old `error` member.
+    let problem = |i: usize, status: u64, kind: &str| {
+        assert_eq!(r[i].0, status, "item {i}: {:?}", r[i]);
+        assert_eq!(r[i].1["type"], kind, "item {i}");
+        assert_eq!(r[i].1["status"], status, "item {i}");
+        assert_eq!(r[i].1["error"], r[i].1["detail"], "item {i}");
+        r[i].1["detail"].as_str().unwrap().to_owned()
+    };
+    assert_eq!(
+        problem(2, 403, problem_type::NOT_ALLOCATED),
+        OLD_FORBIDDEN_MESSAGE
+    );
+    assert_eq!(
+        problem(3, 422, problem_type::MALFORMED_KEY),
+        OLD_KEY_MESSAGE
+    );
+    assert!(problem(4, 400, problem_type::MALFORMED_PAYLOAD).contains("response"));
+    assert!(problem(5, 400, problem_type::MALFORMED_PAYLOAD).contains("response_status"));
+    assert!(problem(6, 400, problem_type::MALFORMED_PAYLOAD).contains("upsert"));
+    problem(7, 400, problem_type::MALFORMED_PAYLOAD);
+    // The items around the bad ones were applied.
+    assert_eq!(r[8], (200, json!({ "idempotency_key": "YmF0Y2gtb2xk" })));
+    let replay = c
+        .allocate(json!({ "idempotency_key": "YmF0Y2gtZG9uZQ" }))
+        .await;
+    assert_eq!(replay.json["response"], response("d"));
+    for free in ["YmF0Y2gtZnJlZWQ", "YmF0Y2gtb2xk"] {
+        assert_lease(&c.allocate(json!({ "idempotency_key": free })).await);
+    }
+    assert_ne!(old, "");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_batch_is_bounded_and_checked_as_a_whole_first() {
+    let server = TestServer::start_with(|c| c.body_limit = 64 * 1024).await;
+    let c = &server.client;
+    let batch = |body: Value| c.send("POST", "/api/v2/captures/batch", Some(body.to_string()));
+    let empty = batch(json!({ "operations": [] })).await;
+    assert_eq!(results(&empty), vec![]);
+    let too_many: Vec<Value> = (0..=idempotency_spec::MAX_BATCH_OPERATIONS)
+        .map(|_| json!({ "op": "release", "idempotency_key": "a" }))
+        .collect();
+    let detail = batch(json!({ "operations": too_many }))
+        .await
+        .assert_problem(400, problem_type::MALFORMED_PAYLOAD);
+    assert!(detail.contains("at most 1000"), "{detail}");
+    batch(json!({ "operation": [] }))
+        .await
+        .assert_problem(400, problem_type::MALFORMED_PAYLOAD);
+    batch(json!([]))
+        .await
+        .assert_problem(400, problem_type::MALFORMED_PAYLOAD);
+    let big = "x".repeat(64 * 1024);
+    batch(json!({ "operations": [{ "op": "record", "idempotency_key": "a", "response": response(&big) }] }))
+        .await
+        .assert_problem(413, problem_type::PAYLOAD_TOO_LARGE);
+    let wrong_method = c
+        .send("PUT", "/api/v2/captures/batch", Some("{}".into()))
+        .await;
+    assert_eq!(wrong_method.status, 405);
     server.stop().await;
 }
 
@@ -547,6 +682,14 @@ async fn with_an_api_token_the_api_needs_it_and_the_rest_stays_open() {
             .record(json!({ "idempotency_key": "auth", "response": response("x") }))
             .await;
         answer.assert_problem(401, problem_type::UNAUTHORIZED);
+        let answer = client
+            .send(
+                "POST",
+                "/api/v2/captures/batch",
+                Some(json!({ "operations": [] }).to_string()),
+            )
+            .await;
+        answer.assert_problem(401, problem_type::UNAUTHORIZED);
     }
     let answer = anonymous
         .send_with(
@@ -559,6 +702,14 @@ async fn with_an_api_token_the_api_needs_it_and_the_rest_stays_open() {
     assert_eq!(answer.status, 401);
     let authorized = anonymous.with_token("s3cret-token");
     assert_lease(&authorized.allocate(body.clone()).await);
+    let batch = authorized
+        .send(
+            "POST",
+            "/api/v2/captures/batch",
+            Some(json!({ "operations": [] }).to_string()),
+        )
+        .await;
+    assert_eq!(batch.status, 200, "{batch:?}");
     for path in ["/-/ping", "/-/ready", "/openapi.yaml"] {
         assert_eq!(anonymous.get(path).await.status, 200, "{path}");
     }
@@ -688,6 +839,24 @@ async fn a_store_that_is_down_is_503_and_not_ready() {
     let answer = c.allocate(json!({ "idempotency_key": "k" })).await;
     answer.assert_problem(503, problem_type::STORE_UNAVAILABLE);
     assert_eq!(answer.retry_after(), 1);
+    // A batch is answered; each item the store could not apply is its own 503.
+    let batch = c
+        .send(
+            "POST",
+            "/api/v2/captures/batch",
+            Some(
+                json!({ "operations": [
+                    { "op": "release", "idempotency_key": "k" },
+                    { "op": "release", "idempotency_key": "==" },
+                ]})
+                .to_string(),
+            ),
+        )
+        .await;
+    let r = results(&batch);
+    assert_eq!(r[0].0, 503);
+    assert_eq!(r[0].1["type"], problem_type::STORE_UNAVAILABLE);
+    assert_eq!(r[1].0, 422, "bad input is still the caller's fault");
     // Bad input is still the caller's fault, not the store's.
     let answer = c.allocate(json!({ "idempotency_key": "==" })).await;
     assert_eq!(answer.status, 422);

@@ -6,8 +6,8 @@ mod common;
 
 use common::TestServer;
 use idempotency_spec::{
-    AllocateRequest, Allocated, CaptureRecord, Pong, Problem, Recorded, ReleaseRequest, Released,
-    problem_type,
+    AllocateRequest, Allocated, BatchAnswer, BatchOperation, CaptureRecord, Pong, Problem,
+    Recorded, ReleaseRequest, Released, problem_type,
 };
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
@@ -62,6 +62,10 @@ fn every_example_is_a_wire_type() {
             for (name, value) in examples(&spec, body) {
                 let what = format!("{method} {path} request {name}");
                 match method.as_str() {
+                    "post" if path == "/api/v2/captures/batch" => {
+                        let operations = &value["operations"];
+                        drop(decode::<Vec<BatchOperation>>(&what, operations));
+                    }
                     "put" => drop(decode::<AllocateRequest>(&what, value)),
                     "post" => drop(decode::<CaptureRecord>(&what, value)),
                     "delete" => drop(decode::<ReleaseRequest>(&what, value)),
@@ -79,6 +83,15 @@ fn every_example_is_a_wire_type() {
                                 assert_eq!(problem.status.to_string(), *status, "{what}");
                                 assert_eq!(problem.error.as_ref(), Some(&problem.detail));
                                 problems += 1;
+                            }
+                            _ if path == "/api/v2/captures/batch" => {
+                                let answer: BatchAnswer<Value> = decode(&what, value);
+                                for result in answer.results {
+                                    match result.status {
+                                        200 => drop(decode::<Recorded>(&what, &result.body)),
+                                        _ => drop(decode::<Problem>(&what, &result.body)),
+                                    }
+                                }
                             }
                             (_, "put", "200") => drop(decode::<CaptureRecord>(&what, value)),
                             (_, "put", "202") => drop(decode::<Allocated>(&what, value)),
@@ -149,6 +162,22 @@ async fn the_request_examples_get_the_documented_answers() {
         let _: Recorded = decode(&name, &answer.json);
         let replay = c.allocate(json!({ "idempotency_key": key })).await;
         assert_eq!(replay.json["response"], body["response"], "{name}");
+    }
+    // The batch: each item with its own fresh lease, each answered 200.
+    let body = &operation(&spec, "/api/v2/captures/batch", "post")["requestBody"];
+    for (name, example) in examples(&spec, &body["content"]["application/json"]) {
+        let mut example = example.clone();
+        for op in example["operations"].as_array_mut().unwrap() {
+            let key = format!("{}b", op["idempotency_key"].as_str().unwrap());
+            op["lease_token"] = json!(c.lease(&key).await);
+            op["idempotency_key"] = json!(key);
+        }
+        let answer = c
+            .send("POST", "/api/v2/captures/batch", Some(example.to_string()))
+            .await;
+        assert_eq!(answer.status, 200, "{name}: {answer:?}");
+        let answer: BatchAnswer<Value> = decode(&name, &answer.json);
+        assert!(answer.results.iter().all(|r| r.status == 200), "{name}");
     }
     // Release: with its own lease.
     for (name, body) in request_examples(&spec, "delete") {

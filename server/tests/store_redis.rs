@@ -13,7 +13,8 @@ use std::time::Duration;
 use common::eventually;
 use common::redis_server::RedisServer;
 use idempotency_server::store::{
-    Allocate, AllocateOutcome, Record, RecordOutcome, Release, ReleaseOutcome, Store, StoreError,
+    Allocate, AllocateOutcome, BatchOp, BatchOutcome, Record, RecordOutcome, Release,
+    ReleaseOutcome, Store, StoreError,
 };
 use idempotency_server::{RedisOptions, RedisStore, RedisTarget};
 
@@ -152,6 +153,41 @@ async fn the_scripts_are_loaded_again_after_redis_forgets_them() {
     store.shutdown().await.unwrap();
 }
 
+#[tokio::test]
+async fn a_batch_is_sent_again_after_redis_forgets_the_scripts() {
+    let server = RedisServer::start().await;
+    let store = open(&server).await;
+    let (a, _) = lease(&store, "a", HOUR).await;
+    let (b, _) = lease(&store, "b", HOUR).await;
+    let mut c = server.connection().await;
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    // Every item of the pipeline answers NOSCRIPT (none ran); they are sent again once.
+    let results = store
+        .batch(vec![
+            BatchOp::Record(rec("a", &a)),
+            BatchOp::Release(Release {
+                key: "b".into(),
+                lease_token: Some(b),
+            }),
+        ])
+        .await;
+    assert!(
+        matches!(
+            results.as_slice(),
+            [
+                Ok(BatchOutcome::Record(RecordOutcome::Stored { .. })),
+                Ok(BatchOutcome::Release(ReleaseOutcome::Released))
+            ]
+        ),
+        "{results:?}"
+    );
+    store.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_writes_survive_a_redis_restart_and_the_store_reconnects() {
     // What the README recommends for durability: the AOF, fsynced before each answer.
@@ -221,6 +257,16 @@ async fn two_stores_on_one_redis_give_one_lease_for_64_concurrent_allocations() 
     }
 }
 
+/// The `state` field of a key's hash, as this Redis has it.
+async fn state(c: &mut redis::aio::MultiplexedConnection, key: &str) -> Option<String> {
+    redis::cmd("HGET")
+        .arg(format!("idempotency:{key}"))
+        .arg("state")
+        .query_async(c)
+        .await
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_wait_replicas_a_write_is_answered_once_replicas_have_it() {
     // Without the default 5 s pause before a full sync to a new replica.
@@ -256,13 +302,18 @@ async fn with_wait_replicas_a_write_is_answered_once_replicas_have_it() {
         RecordOutcome::Stored { .. }
     ));
     // The replica has the capture.
-    let state: Option<String> = redis::cmd("HGET")
-        .arg("idempotency:k")
-        .arg("state")
-        .query_async(&mut c)
-        .await
-        .unwrap();
-    assert_eq!(state.as_deref(), Some("completed"));
+    assert_eq!(state(&mut c, "k").await.as_deref(), Some("completed"));
+    // A batch waits for the replica too: what it answered is on the replica.
+    let (token, _) = lease(&store, "kb", HOUR).await;
+    let results = store.batch(vec![BatchOp::Record(rec("kb", &token))]).await;
+    assert!(
+        matches!(
+            results.as_slice(),
+            [Ok(BatchOutcome::Record(RecordOutcome::Stored { .. }))]
+        ),
+        "{results:?}"
+    );
+    assert_eq!(state(&mut c, "kb").await.as_deref(), Some("completed"));
     store.shutdown().await.unwrap();
 
     // Two replicas asked for, one there: the write is not acknowledged (503).
@@ -274,6 +325,15 @@ async fn with_wait_replicas_a_write_is_answered_once_replicas_have_it() {
         Err(StoreError::Unavailable(why)) => assert!(why.contains("1 of 2"), "{why}"),
         other => panic!("expected a 503, got {other:?}"),
     }
+    // A batch whose writes the replicas do not confirm: every item is a 503.
+    let one_more = RedisStore::open(options(&primary)).await.unwrap();
+    let (token, _) = lease(&one_more, "k3", HOUR).await;
+    let results = store.batch(vec![BatchOp::Record(rec("k3", &token))]).await;
+    assert!(
+        matches!(results.as_slice(), [Err(StoreError::Unavailable(why))] if why.contains("1 of 2")),
+        "{results:?}"
+    );
+    one_more.shutdown().await.unwrap();
     store.shutdown().await.unwrap();
 }
 

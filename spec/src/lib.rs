@@ -21,6 +21,13 @@ pub const PROBLEM_JSON: &str = "application/problem+json";
 pub const MAX_FINGERPRINT_LEN: usize = 1024;
 /// The path of the captures resource (allocate `PUT`, record `POST`, release `DELETE`).
 pub const CAPTURES_PATH: &str = "/api/v2/captures";
+/// The path of the batch operation (`POST`): many records and releases in one call.
+pub const BATCH_PATH: &str = "/api/v2/captures/batch";
+/// The most operations one batch may carry (more is a 400; the body limit applies too).
+pub const MAX_BATCH_OPERATIONS: usize = 1000;
+/// The response header of an allocation that waited (`wait_ms`) for another request holding
+/// the key: how long it waited, in milliseconds. Absent when it did not wait.
+pub const WAITED_HEADER: &str = "idempotency-waited-ms";
 
 /// The `type` of every problem the backend answers, one per cause, so that a client can tell
 /// the two 422s apart (a malformed key and a fingerprint mismatch). `openapi.yaml` documents
@@ -152,6 +159,30 @@ pub struct ReleaseRequest {
     pub idempotency_key: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_token: Option<String>,
+}
+
+/// One operation of a batch (`POST /api/v2/captures/batch`, `{"operations": [...]}`): the body
+/// of the single call with an `op` member naming it. Each is answered exactly as the single call
+/// would answer it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum BatchOperation {
+    Record(CaptureRecord),
+    Release(ReleaseRequest),
+}
+
+/// The 200 answer to a batch: one result per operation, in order. `B` is the answer's body as
+/// the single call would send it (the backend uses a JSON value).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchAnswer<B> {
+    pub results: Vec<BatchResult<B>>,
+}
+
+/// The answer of one batch operation: the status and body the single call would have given.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchResult<B> {
+    pub status: u16,
+    pub body: B,
 }
 
 /// `GET /-/ping` answer (the old shape).

@@ -46,8 +46,8 @@ use redb::{Database, ReadableTable, Table, TableDefinition};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    Allocate, AllocateOutcome, Change, Entry, Record, RecordOutcome, Release, ReleaseOutcome,
-    Store, StoreError, UnixMillis, now_ms,
+    Allocate, AllocateOutcome, BatchOp, BatchOutcome, Change, Entry, Record, RecordOutcome,
+    Release, ReleaseOutcome, Store, StoreError, UnixMillis, now_ms,
 };
 
 const CAPTURES: TableDefinition<&str, &[u8]> = TableDefinition::new("captures");
@@ -126,6 +126,8 @@ enum Command {
     Allocate(Allocate, Reply<AllocateOutcome>),
     Record(Record, Reply<RecordOutcome>),
     Release(Release, Reply<ReleaseOutcome>),
+    /// Applied in the transaction of the batch it lands in, like as many single operations.
+    Batch(Vec<BatchOp>, Reply<Vec<Result<BatchOutcome, StoreError>>>),
     Purge(usize, Reply<usize>),
     Ping(Reply<()>),
     Shutdown(Reply<()>),
@@ -139,6 +141,7 @@ impl Command {
             Command::Allocate(_, r) => drop(r.send(Err(error))),
             Command::Record(_, r) => drop(r.send(Err(error))),
             Command::Release(_, r) => drop(r.send(Err(error))),
+            Command::Batch(_, r) => drop(r.send(Err(error))),
             Command::Purge(_, r) => drop(r.send(Err(error))),
             Command::Ping(r) | Command::Shutdown(r) => drop(r.send(Err(error))),
         }
@@ -146,9 +149,27 @@ impl Command {
 
     /// Roughly how much this command adds to a transaction.
     fn weight(&self) -> usize {
+        fn record(r: &Record) -> usize {
+            r.capture.response_body.len() + 256
+        }
         match self {
-            Command::Record(r, _) => r.capture.response_body.len() + 256,
+            Command::Record(r, _) => record(r),
+            Command::Batch(ops, _) => ops
+                .iter()
+                .map(|op| match op {
+                    BatchOp::Record(r) => record(r),
+                    BatchOp::Release(_) => 256,
+                })
+                .sum(),
             _ => 256,
+        }
+    }
+
+    /// How many operations this command counts for against the batch bound.
+    fn operations(&self) -> usize {
+        match self {
+            Command::Batch(ops, _) => ops.len().max(1),
+            _ => 1,
         }
     }
 }
@@ -265,6 +286,18 @@ impl Store for EmbeddedStore {
         self.call(|reply| Command::Release(request, reply)).await
     }
 
+    /// One command: every item lands in the same transaction and shares its one sync.
+    async fn batch(&self, operations: Vec<BatchOp>) -> Vec<Result<BatchOutcome, StoreError>> {
+        let n = operations.len();
+        match self.call(|reply| Command::Batch(operations, reply)).await {
+            Ok(results) => results,
+            // Nothing of it was acknowledged: every item fails alike.
+            Err(e) => (0..n)
+                .map(|_| Err(StoreError::Unavailable(e.to_string())))
+                .collect(),
+        }
+    }
+
     async fn ready(&self) -> Result<(), StoreError> {
         self.call(Command::Ping).await
     }
@@ -372,12 +405,14 @@ impl Writer {
             let Some(first) = self.commands.blocking_recv() else {
                 break; // every sender is gone
             };
+            let mut bytes = first.weight();
+            let mut operations = first.operations();
             let mut batch = vec![first];
-            let mut bytes = batch[0].weight();
-            while batch.len() < self.max_batch && bytes < self.max_batch_bytes {
+            while operations < self.max_batch && bytes < self.max_batch_bytes {
                 match self.commands.try_recv() {
                     Ok(command) => {
                         bytes += command.weight();
+                        operations += command.operations();
                         batch.push(command);
                     }
                     Err(_) => break,
@@ -438,6 +473,28 @@ impl Writer {
                             operate(&mut tables, &request.key, reply, &mut pending, |current| {
                                 super::release(current, &request, now)
                             })?;
+                    }
+                    Command::Batch(operations, reply) => {
+                        let mut results = Vec::with_capacity(operations.len());
+                        for op in operations {
+                            let (result, wrote) = match op {
+                                BatchOp::Record(request) => {
+                                    step(&mut tables, &request.key, |current| {
+                                        super::record(current, &request, now)
+                                    })
+                                    .map(|(r, w)| (r.map(BatchOutcome::Record), w))?
+                                }
+                                BatchOp::Release(request) => {
+                                    step(&mut tables, &request.key, |current| {
+                                        super::release(current, &request, now)
+                                    })
+                                    .map(|(r, w)| (r.map(BatchOutcome::Release), w))?
+                                }
+                            };
+                            changed |= wrote;
+                            results.push(result);
+                        }
+                        pending.push(answer(reply, Ok(results)));
                     }
                     Command::Purge(limit, reply) => {
                         let (rows, purged) =
@@ -504,7 +561,7 @@ struct Tables<'t> {
 }
 
 /// One allocation, record or release, the same for the three: read the key's entry, run the
-/// state machine `step` on it, write the change (keeping the expiry index in step), count the
+/// state machine on it, write the change (keeping the expiry index in step), count the
 /// operation, and queue the answer for when the commit's fate is known. Returns whether
 /// anything was written. An entry that cannot be decoded fails this operation only; a database
 /// error aborts the batch.
@@ -513,12 +570,24 @@ fn operate<T: Send + 'static>(
     key: &str,
     reply: Reply<T>,
     pending: &mut Vec<Pending>,
-    step: impl FnOnce(Option<&Entry>) -> (T, Change),
+    state_machine: impl FnOnce(Option<&Entry>) -> (T, Change),
 ) -> Result<bool, redb::Error> {
+    let (result, changed) = step(tables, key, state_machine)?;
+    pending.push(answer(reply, result));
+    Ok(changed)
+}
+
+/// The part of [`operate`] a batch item shares: read, decide, write, count; the outcome (or the
+/// error of an undecodable entry) and whether anything was written.
+fn step<T>(
+    tables: &mut Tables<'_>,
+    key: &str,
+    state_machine: impl FnOnce(Option<&Entry>) -> (T, Change),
+) -> Result<(Result<T, StoreError>, bool), redb::Error> {
     let mut changed = false;
     let result = match read(&tables.captures, key)? {
         Ok(current) => {
-            let (outcome, change) = step(current.as_ref());
+            let (outcome, change) = state_machine(current.as_ref());
             changed = write(
                 &mut tables.captures,
                 &mut tables.expiry,
@@ -531,8 +600,7 @@ fn operate<T: Send + 'static>(
         Err(e) => Err(e),
     };
     tables.counters.operations.fetch_add(1, Ordering::Relaxed);
-    pending.push(answer(reply, result));
-    Ok(changed)
+    Ok((result, changed))
 }
 
 fn fail_all(

@@ -80,6 +80,21 @@ pub struct Release {
     pub lease_token: Option<String>,
 }
 
+/// One operation of a batch (`POST /api/v2/captures/batch`): a record or a release, each
+/// applied exactly as the single call would apply it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BatchOp {
+    Record(Record),
+    Release(Release),
+}
+
+/// The outcome of one [`BatchOp`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BatchOutcome {
+    Record(RecordOutcome),
+    Release(ReleaseOutcome),
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AllocateOutcome {
     /// The key was free (or its lease had expired): the caller holds it now. 202.
@@ -201,6 +216,14 @@ pub trait Store: Send + Sync + 'static {
 
     async fn release(&self, request: Release) -> Result<ReleaseOutcome, StoreError>;
 
+    /// Many records and releases at once, answered in order, each exactly as its single call
+    /// would be (atomic per item; every change durable before this returns). A store that can
+    /// do better than one round trip per item overrides it (embedded: one transaction and one
+    /// sync; Redis: one pipeline); the default runs the single calls concurrently.
+    async fn batch(&self, operations: Vec<BatchOp>) -> Vec<Result<BatchOutcome, StoreError>> {
+        batch_concurrently(self, operations).await
+    }
+
     /// A cheap round trip through the store, for `/-/ready`.
     async fn ready(&self) -> Result<(), StoreError>;
 
@@ -216,6 +239,21 @@ pub trait Store: Send + Sync + 'static {
     /// Flush and close: every operation accepted before is finished and durable when this
     /// returns; later operations fail with [`StoreError::Closed`].
     async fn shutdown(&self) -> Result<(), StoreError>;
+}
+
+/// A batch as its single calls, all sent at once and answered in order: the default
+/// [`Store::batch`].
+pub async fn batch_concurrently<S: Store + ?Sized>(
+    store: &S,
+    operations: Vec<BatchOp>,
+) -> Vec<Result<BatchOutcome, StoreError>> {
+    futures_util::future::join_all(operations.into_iter().map(|op| async move {
+        match op {
+            BatchOp::Record(r) => store.record(r).await.map(BatchOutcome::Record),
+            BatchOp::Release(r) => store.release(r).await.map(BatchOutcome::Release),
+        }
+    }))
+    .await
 }
 
 /// What a store keeps for a key that is not free.

@@ -47,8 +47,8 @@ use async_trait::async_trait;
 use idempotency_spec::Capture;
 
 use super::{
-    Allocate, AllocateOutcome, Closed, Record, RecordOutcome, Release, ReleaseOutcome,
-    StartAttempt, Store, StoreError, new_lease_token, retry_start,
+    Allocate, AllocateOutcome, BatchOp, BatchOutcome, Closed, Record, RecordOutcome, Release,
+    ReleaseOutcome, StartAttempt, Store, StoreError, new_lease_token, retry_start,
 };
 use crate::config::redact_url;
 
@@ -251,6 +251,30 @@ impl RedisStore {
         format!("{}{key}", self.prefix)
     }
 
+    /// The prefixed key and the `record.lua` invocation of a record.
+    fn record_script(&self, request: &Record) -> (String, ScriptInvocation<'_>) {
+        let key = self.key(&request.key);
+        let capture = serde_json::to_vec(&request.capture).expect("a capture always encodes");
+        let (presented, token) = presented(request.lease_token.as_deref());
+        let mut script = self.scripts.record.prepare_invoke();
+        script
+            .key(&key)
+            .arg(presented)
+            .arg(token)
+            .arg(millis(request.retention))
+            .arg(capture);
+        (key, script)
+    }
+
+    /// The prefixed key and the `release.lua` invocation of a release.
+    fn release_script(&self, request: &Release) -> (String, ScriptInvocation<'_>) {
+        let key = self.key(&request.key);
+        let (presented, token) = presented(request.lease_token.as_deref());
+        let mut script = self.scripts.release.prepare_invoke();
+        script.key(&key).arg(presented).arg(token);
+        (key, script)
+    }
+
     /// Run one call to Redis within the operation's time limit.
     async fn call<T>(
         &self,
@@ -321,6 +345,20 @@ impl RedisStore {
     }
 }
 
+/// Sends `scripts` as one pipeline; each item's answer, a script's error as a
+/// `Value::ServerError` in its place (the others still count).
+async fn pipeline<'a>(
+    connection: &mut Connection,
+    scripts: impl Iterator<Item = &'a ScriptInvocation<'a>>,
+) -> Result<Vec<Value>, StoreError> {
+    let mut pipe = ::redis::pipe();
+    pipe.ignore_errors();
+    for script in scripts {
+        pipe.invoke_script(script);
+    }
+    pipe.query_async(connection).await.map_err(unavailable)
+}
+
 fn fatal(e: RedisError) -> StartAttempt {
     StartAttempt::Fatal(e.to_string())
 }
@@ -357,15 +395,7 @@ impl Store for RedisStore {
     }
 
     async fn record(&self, request: Record) -> Result<RecordOutcome, StoreError> {
-        let key = self.key(&request.key);
-        let capture = serde_json::to_vec(&request.capture).expect("a capture always encodes");
-        let (presented, token) = presented(request.lease_token.as_deref());
-        let mut script = self.scripts.record.key(&key);
-        script
-            .arg(presented)
-            .arg(token)
-            .arg(millis(request.retention))
-            .arg(capture);
+        let (key, script) = self.record_script(&request);
         self.run(&key, &script, parse_record, |outcome| {
             matches!(outcome, RecordOutcome::Stored { .. })
         })
@@ -373,14 +403,84 @@ impl Store for RedisStore {
     }
 
     async fn release(&self, request: Release) -> Result<ReleaseOutcome, StoreError> {
-        let key = self.key(&request.key);
-        let (presented, token) = presented(request.lease_token.as_deref());
-        let mut script = self.scripts.release.key(&key);
-        script.arg(presented).arg(token);
+        let (key, script) = self.release_script(&request);
         self.run(&key, &script, parse_release, |outcome| {
             *outcome == ReleaseOutcome::Released
         })
         .await
+    }
+
+    /// One Redis: one pipeline, every item's script in one round trip, then one `WAIT` when
+    /// replicas are awaited. A cluster refuses a pipeline across slots (`CROSSSLOT`), so there
+    /// each item is its own call, all sent at once: the cluster client multiplexes them onto
+    /// its connection to each primary, which is a pipeline per node on the wire.
+    async fn batch(&self, operations: Vec<BatchOp>) -> Vec<Result<BatchOutcome, StoreError>> {
+        if matches!(self.connection, Connection::Cluster(_)) {
+            return super::batch_concurrently(self, operations).await;
+        }
+        let n = operations.len();
+        let run = self.call(async {
+            let scripts: Vec<(String, ScriptInvocation<'_>)> = operations
+                .iter()
+                .map(|op| match op {
+                    BatchOp::Record(r) => self.record_script(r),
+                    BatchOp::Release(r) => self.release_script(r),
+                })
+                .collect();
+            let mut connection = self.connection.clone();
+            let mut values = pipeline(&mut connection, scripts.iter().map(|(_, s)| s)).await?;
+            // A Redis that lost the scripts (a restart, a failover) ran none of those items:
+            // load the scripts again and send just those, once.
+            let missing: Vec<usize> = (0..values.len())
+                .filter(|&i| matches!(&values[i], Value::ServerError(e) if e.kind() == Some(::redis::ServerErrorKind::NoScript)))
+                .collect();
+            if !missing.is_empty() {
+                for script in [&self.scripts.record, &self.scripts.release] {
+                    script
+                        .load_async(&mut connection)
+                        .await
+                        .map_err(unavailable)?;
+                }
+                let again = pipeline(&mut connection, missing.iter().map(|&i| &scripts[i].1)).await?;
+                for (i, value) in missing.into_iter().zip(again) {
+                    values[i] = value;
+                }
+            }
+            let mut written = Vec::new();
+            let results: Vec<Result<BatchOutcome, StoreError>> = operations
+                .iter()
+                .zip(values)
+                .zip(&scripts)
+                .map(|((op, value), (key, _))| {
+                    let outcome = match (op, value) {
+                        (_, Value::ServerError(e)) => Err(unavailable(e)),
+                        (BatchOp::Record(_), v) => parse_record(v).map(BatchOutcome::Record),
+                        (BatchOp::Release(_), v) => parse_release(v).map(BatchOutcome::Release),
+                    };
+                    if matches!(
+                        outcome,
+                        Ok(BatchOutcome::Record(RecordOutcome::Stored { .. })
+                            | BatchOutcome::Release(ReleaseOutcome::Released))
+                    ) {
+                        written.push(key.as_str());
+                    }
+                    outcome
+                })
+                .collect();
+            // Every write of this batch, before any of it is answered: one WAIT covers every
+            // write the connection made so far.
+            if let Some(key) = written.first() {
+                self.replicate(&mut connection, key).await?;
+            }
+            Ok(results)
+        });
+        match run.await {
+            Ok(results) => results,
+            // No answer, or no replica acknowledgement: nothing of it can be confirmed.
+            Err(e) => (0..n)
+                .map(|_| Err(StoreError::Unavailable(e.to_string())))
+                .collect(),
+        }
     }
 
     /// `PING`; on a cluster, every primary must answer.

@@ -36,7 +36,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use idempotency_server::store::{
-    Allocate, AllocateOutcome, Record, RecordOutcome, Release, ReleaseOutcome, Store, now_ms,
+    Allocate, AllocateOutcome, BatchOp, BatchOutcome, Record, RecordOutcome, Release,
+    ReleaseOutcome, Store, now_ms,
 };
 use idempotency_spec::{Capture, Header, HeaderValue};
 
@@ -110,6 +111,9 @@ macro_rules! conformance_suite {
             concurrent_allocations_over_a_thousand_keys,
             concurrent_takeovers_give_one_lease,
             concurrent_records_store_once,
+            batch_answers_each_item_as_its_single_call,
+            batch_of_many_items_applies_them_all,
+            concurrent_batches_and_records_store_once,
             ready_answers,
         );
     };
@@ -730,6 +734,141 @@ pub async fn concurrent_records_store_once(h: &Harness) {
     while let Some(joined) = tasks.join_next().await {
         let (i, outcome) = joined.unwrap();
         if matches!(outcome, RecordOutcome::Stored { .. }) {
+            winners.push(i);
+        }
+    }
+    assert_eq!(winners.len(), 1, "exactly one record wins: {winners:?}");
+    assert_eq!(
+        h.store.allocate(alloc(&k, None, LONG)).await.unwrap(),
+        AllocateOutcome::Completed(capture(&format!("r{}", winners[0])))
+    );
+}
+
+/// A batch: every item gets what its single call would have got, applied in order (a later
+/// item sees what an earlier one of the same batch did), and each change lasts.
+pub async fn batch_answers_each_item_as_its_single_call(h: &Harness) {
+    let [done, other, freed, never] =
+        ["b-done", "b-other", "b-freed", "b-never"].map(|n| key(h, n));
+    let (done_token, _) = lease(&*h.store, alloc(&done, None, LONG)).await;
+    let (other_token, _) = lease(&*h.store, alloc(&other, None, LONG)).await;
+    let (freed_token, _) = lease(&*h.store, alloc(&freed, None, LONG)).await;
+    let results = h
+        .store
+        .batch(vec![
+            BatchOp::Record(rec(&done, Some(&done_token), capture("done"), LONG)),
+            BatchOp::Record(rec(&other, Some("another-token"), capture("x"), LONG)),
+            BatchOp::Release(rel(&freed, Some(&freed_token))),
+            BatchOp::Record(rec(&never, None, capture("never"), LONG)),
+            // The same key again, after the record above in this very batch.
+            BatchOp::Record(rec(&done, Some(&done_token), capture("again"), LONG)),
+            BatchOp::Release(rel(&done, Some(&done_token))),
+            BatchOp::Release(rel(&other, Some(&other_token))),
+        ])
+        .await;
+    let outcomes: Vec<BatchOutcome> = results
+        .into_iter()
+        .map(|r| r.expect("every item is answered"))
+        .collect();
+    assert_eq!(outcomes.len(), 7);
+    assert!(
+        matches!(
+            outcomes[0],
+            BatchOutcome::Record(RecordOutcome::Stored { .. })
+        ),
+        "{outcomes:?}"
+    );
+    assert_eq!(
+        outcomes[1..],
+        [
+            BatchOutcome::Record(RecordOutcome::Forbidden),
+            BatchOutcome::Release(ReleaseOutcome::Released),
+            BatchOutcome::Record(RecordOutcome::Forbidden),
+            BatchOutcome::Record(RecordOutcome::Forbidden),
+            BatchOutcome::Release(ReleaseOutcome::Forbidden),
+            BatchOutcome::Release(ReleaseOutcome::Released),
+        ]
+    );
+    assert_eq!(
+        h.store.allocate(alloc(&done, None, LONG)).await.unwrap(),
+        AllocateOutcome::Completed(capture("done")),
+        "the first record of the batch is stored, not the second"
+    );
+    for free in [&other, &freed, &never] {
+        let (token, _) = lease(&*h.store, alloc(free, None, LONG)).await;
+        assert!(!token.is_empty(), "{free} is free after the batch");
+    }
+    assert!(h.store.batch(Vec::new()).await.is_empty());
+}
+
+/// A batch as large as the filter's queue sends: all of it applied, each item its own answer.
+pub async fn batch_of_many_items_applies_them_all(h: &Harness) {
+    let keys: Vec<String> = (0..300).map(|i| key(h, &format!("b-many-{i}"))).collect();
+    let mut operations = Vec::new();
+    for (i, k) in keys.iter().enumerate() {
+        let (token, _) = lease(&*h.store, alloc(k, None, LONG)).await;
+        operations.push(if i % 3 == 0 {
+            BatchOp::Release(rel(k, Some(&token)))
+        } else {
+            BatchOp::Record(rec(k, Some(&token), capture(k), LONG))
+        });
+    }
+    let results = h.store.batch(operations).await;
+    assert_eq!(results.len(), keys.len());
+    for (i, (k, result)) in keys.iter().zip(results).enumerate() {
+        let outcome = result.expect("answered");
+        if i % 3 == 0 {
+            assert_eq!(
+                outcome,
+                BatchOutcome::Release(ReleaseOutcome::Released),
+                "{k}"
+            );
+            assert!(matches!(
+                h.store.allocate(alloc(k, None, LONG)).await.unwrap(),
+                AllocateOutcome::Allocated { .. }
+            ));
+        } else {
+            assert!(
+                matches!(outcome, BatchOutcome::Record(RecordOutcome::Stored { .. })),
+                "{k}: {outcome:?}"
+            );
+            assert_eq!(
+                h.store.allocate(alloc(k, None, LONG)).await.unwrap(),
+                AllocateOutcome::Completed(capture(k))
+            );
+        }
+    }
+}
+
+/// A batch item is atomic like its single call: racing single records and batches of the same
+/// key, exactly one stores.
+pub async fn concurrent_batches_and_records_store_once(h: &Harness) {
+    let k = key(h, "race-batch");
+    let (token, _) = lease(&*h.store, alloc(&k, None, LONG)).await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..16 {
+        let store = h.store.clone();
+        let (k, token) = (k.clone(), token.clone());
+        tasks.spawn(async move {
+            let record = rec(&k, Some(&token), capture(&format!("r{i}")), LONG);
+            let stored = if i % 2 == 0 {
+                let outcome = store.batch(vec![BatchOp::Record(record)]).await;
+                matches!(
+                    outcome.as_slice(),
+                    [Ok(BatchOutcome::Record(RecordOutcome::Stored { .. }))]
+                )
+            } else {
+                matches!(
+                    store.record(record).await.unwrap(),
+                    RecordOutcome::Stored { .. }
+                )
+            };
+            (i, stored)
+        });
+    }
+    let mut winners = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        let (i, stored) = joined.unwrap();
+        if stored {
             winners.push(i);
         }
     }
