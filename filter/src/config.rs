@@ -112,6 +112,8 @@ pub struct Server {
     pub path_prefix: String,
     /// The path of the captures resource, `{path_prefix}/captures`.
     pub captures_path: String,
+    /// The path of the batch operation the queue sends, `{path_prefix}/captures/batch`.
+    pub batch_path: String,
     pub timeout_ms: u64,
     /// Bearer token for the backend's `API_TOKEN`.
     pub token: Option<String>,
@@ -561,6 +563,7 @@ impl Config {
                 upstream,
                 authority,
                 captures_path: format!("{path_prefix}/captures"),
+                batch_path: format!("{path_prefix}/captures/batch"),
                 path_prefix,
                 timeout_ms,
                 token,
@@ -669,6 +672,7 @@ mod tests {
         assert_eq!(c.server.authority, "127.0.0.1:9000");
         assert_eq!(c.server.path_prefix, "/api/v2");
         assert_eq!(c.server.captures_path, "/api/v2/captures");
+        assert_eq!(c.server.batch_path, "/api/v2/captures/batch");
         assert_eq!(c.server.timeout_ms, 2000);
         assert_eq!(c.server.token, None);
         assert_eq!(c.header, "Idempotency-Key");

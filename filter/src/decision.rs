@@ -1,9 +1,13 @@
 //! What each backend answer means for the request, and the calls the filter makes.
 //!
-//! Allocate (`PUT {prefix}/captures`): 202 → proceed with the lease; 200 → replay; 409 →
-//! conflict (or, with `conflict: wait`, ask again with `wait_ms`); 422 → mismatch (unless the
-//! backend says the key itself is malformed, which is the filter's fault: a server error);
+//! Allocate (`PUT {prefix}/captures`): 202 → proceed with the lease; 200 → replay (a wait for
+//! the first request, when the backend says it waited); 409 → conflict; 422 → mismatch (unless
+//! the backend says the key itself is malformed, which is the filter's fault: a server error);
 //! anything else, no answer, or a failed call → server error, handled per `on_server_error`.
+//! With `conflict: wait` the first allocation already carries `wait_ms`: nothing is ever sent
+//! again from a call's answer (on Kong that can hang the worker, HOSTS.md bug 2).
+//!
+//! Batch (`POST {prefix}/captures/batch`): each item's status, for the queue.
 
 use idempotency_spec::{AllocateRequest, Capture, Header, HeaderValue, problem_type};
 use serde_json::Value;
@@ -17,6 +21,9 @@ pub struct CallAnswer {
     pub status: Option<u16>,
     pub retry_after: Option<String>,
     pub failure: Option<String>,
+    /// The backend waited (`wait_ms`) for another request holding the key
+    /// (`Idempotency-Waited-Ms`).
+    pub waited: bool,
     pub body: Vec<u8>,
 }
 
@@ -39,6 +46,7 @@ impl CallAnswer {
             status,
             retry_after: get("retry-after"),
             failure,
+            waited: get(idempotency_spec::WAITED_HEADER).is_some(),
             body,
         }
     }
@@ -144,6 +152,32 @@ pub fn allocation(answer: &CallAnswer) -> Allocation {
     }
 }
 
+/// Each item's status in the answer to a batch of `n` (`None` where there is none: the call
+/// failed, or a 200 whose results cannot be read or do not match the batch). Another status
+/// of the whole call (401, 404 of a backend without the batch, 503…) is every item's.
+pub fn batch_statuses(answer: &CallAnswer, n: usize) -> Vec<Option<u16>> {
+    match answer.status {
+        Some(200) => {
+            let statuses: Option<Vec<Option<u16>>> = json(&answer.body)
+                .get("results")
+                .and_then(Value::as_array)
+                .filter(|results| results.len() == n)
+                .map(|results| {
+                    results
+                        .iter()
+                        .map(|r| {
+                            r.get("status")
+                                .and_then(Value::as_u64)
+                                .and_then(|s| u16::try_from(s).ok())
+                        })
+                        .collect()
+                });
+            statuses.unwrap_or_else(|| vec![None; n])
+        }
+        status => vec![status; n],
+    }
+}
+
 /// The body of an allocation; `wait` asks the backend to wait for the holder.
 pub fn allocate_body(cfg: &Config, key: &str, fingerprint: Option<String>, wait: bool) -> Vec<u8> {
     serde_json::to_vec(&AllocateRequest {
@@ -184,6 +218,7 @@ mod tests {
             status,
             retry_after: Some("2".into()),
             failure: None,
+            waited: false,
             body: body.as_bytes().to_vec(),
         }
     }
@@ -299,6 +334,30 @@ mod tests {
         assert!(a.describe().contains("timeout"));
         let a = CallAnswer::from_headers(&[], vec![]);
         assert_eq!(a.failure.as_deref(), Some("no answer"));
+        assert!(!a.waited);
+        let a = CallAnswer::from_headers(
+            &h(&[(":status", "200"), ("idempotency-waited-ms", "120")]),
+            vec![],
+        );
+        assert!(a.waited);
+    }
+
+    #[test]
+    fn batch_answers_give_each_item_its_status() {
+        let ok = r#"{"results":[{"status":200,"body":{}},{"status":403,"body":{}},{"status":503,"body":{}}]}"#;
+        assert_eq!(
+            batch_statuses(&ans(Some(200), ok), 3),
+            [Some(200), Some(403), Some(503)]
+        );
+        // Results that do not match the batch, or cannot be read: no status for any.
+        assert_eq!(batch_statuses(&ans(Some(200), ok), 2), [None, None]);
+        assert_eq!(batch_statuses(&ans(Some(200), "oops"), 2), [None, None]);
+        let odd = r#"{"results":[{"status":"200"},{"status":70000}]}"#;
+        assert_eq!(batch_statuses(&ans(Some(200), odd), 2), [None, None]);
+        // The whole call's status.
+        assert_eq!(batch_statuses(&ans(Some(503), ""), 2), [Some(503); 2]);
+        assert_eq!(batch_statuses(&ans(Some(404), ""), 1), [Some(404)]);
+        assert_eq!(batch_statuses(&ans(None, ""), 2), [None, None]);
     }
 
     #[test]

@@ -6,10 +6,12 @@
 //! answers) or through the queue (Kong, and wherever a call could not be made inline).
 //!
 //! Where each host call is made (HOSTS.md):
-//! - `dispatch_http_call` from this context only in `on_http_request_headers`,
-//!   `on_http_request_body` and `on_http_call_response` of a request that is paused on it, so
-//!   the call always answers before the request can end; in response phases only when
-//!   [`crate::host::inline`] says so (never on Kong).
+//! - `dispatch_http_call` from this context only in `on_http_request_headers` and
+//!   `on_http_request_body` of a request that is then paused on it, so the call always
+//!   answers before the request can end; in response phases only when [`crate::host::inline`]
+//!   says so (never on Kong); never from `on_http_call_response` (on Kong a dispatch there
+//!   after an empty-bodied answer hangs the worker, HOSTS.md bug 2: `conflict: wait` sends its
+//!   one allocation with `wait_ms` from the start).
 //! - `send_http_response` only in request phases and `on_http_call_response`; the response
 //!   callbacks of a local reply only apply the fix-ups of [`crate::replay`].
 
@@ -39,8 +41,8 @@ enum Phase {
     Idle,
     /// Hashing the request body until its end.
     ReadingBody,
-    /// The allocate call is in flight; `wait` when it is the `conflict: wait` retry.
-    Allocating { wait: bool },
+    /// The allocate call is in flight.
+    Allocating,
     /// Holding the lease: the upstream's response is copied as it passes.
     Proxying,
     /// The record/release call is in flight inline, the end of the response held.
@@ -203,7 +205,7 @@ impl Http {
         }
         if !cfg.fingerprint {
             // Nothing to read: the body's size is bounded by its Content-Length only.
-            return self.allocate(cfg, false);
+            return self.allocate(cfg);
         }
         let body_expected = if self.host == Host::Ngx {
             // ngx_wasm_module passes end_of_stream = 1 to on_request_headers whatever follows
@@ -225,7 +227,7 @@ impl Http {
         };
         self.fingerprint = Some(Fingerprint::new(method, path, get("content-type")));
         if !body_expected {
-            return self.allocate(cfg, false);
+            return self.allocate(cfg);
         }
         self.phase = Phase::ReadingBody;
         if self.host.pause_headers_for_body() {
@@ -289,17 +291,26 @@ impl Http {
             // Envoy: StopIterationAndBuffer until the end (Kong delivers it whole).
             return Action::Pause;
         }
-        self.allocate(cfg, false)
+        self.allocate(cfg)
     }
 
-    fn allocate(&mut self, cfg: &Config, wait: bool) -> Action {
-        // Cloned: the `conflict: wait` retry sends the same fingerprint again.
-        let fingerprint = self.fingerprint.clone().map(Fingerprint::finish);
+    /// The one allocation of this request. With `conflict: wait` it already asks the backend
+    /// to wait for a holder of the key (`wait_ms`), so that a 409 is final and nothing is sent
+    /// again from its answer; its time-out grows by the wait.
+    fn allocate(&mut self, cfg: &Config) -> Action {
+        let wait = cfg.conflict == Conflict::Wait;
+        let fingerprint = self.fingerprint.take().map(Fingerprint::finish);
         let body = decision::allocate_body(cfg, &self.key, fingerprint, wait);
         let timeout = cfg.server.timeout_ms + if wait { cfg.wait_ms } else { 0 };
-        match call_backend(&cfg.server, "PUT", &body, timeout) {
+        match call_backend(
+            &cfg.server,
+            "PUT",
+            &cfg.server.captures_path,
+            &body,
+            timeout,
+        ) {
             Ok(_) => {
-                self.phase = Phase::Allocating { wait };
+                self.phase = Phase::Allocating;
                 Action::Pause
             }
             Err(e) => self.server_error(
@@ -309,19 +320,20 @@ impl Http {
         }
     }
 
-    fn on_allocated(&mut self, cfg: &Config, wait: bool, answer: &CallAnswer) -> Action {
+    fn on_allocated(&mut self, cfg: &Config, answer: &CallAnswer) -> Action {
         match decision::allocation(answer) {
             Allocation::Proceed { lease_token } => {
                 count(Metric::Allocated);
                 self.lease = Some(lease_token);
-                self.fingerprint = None;
                 self.phase = Phase::Proxying;
                 Action::Continue
             }
             Allocation::Replay(capture) => {
                 match replay::from_capture(&capture, &cfg.strip_on_replay, &cfg.replay_header) {
                     Ok(reply) => {
-                        count(if wait {
+                        // The backend says whether it waited for the first request (with
+                        // `conflict: wait`), or the key was already completed.
+                        count(if answer.waited {
                             Metric::Waited
                         } else {
                             Metric::Replayed
@@ -334,9 +346,7 @@ impl Http {
                 }
             }
             Allocation::Conflict { retry_after } => {
-                if cfg.conflict == Conflict::Wait && !wait {
-                    return self.allocate(cfg, true);
-                }
+                // With `conflict: wait` the backend already waited `wait_ms` for the holder.
                 count(Metric::Conflict);
                 let ra = problem::retry_after(retry_after.as_deref());
                 self.send_problem(
@@ -380,7 +390,14 @@ impl Http {
         };
         if may_hold
             && host::inline(cfg.record, self.host)
-            && call_backend(&cfg.server, op.method(), &body, cfg.server.timeout_ms).is_ok()
+            && call_backend(
+                &cfg.server,
+                op.method(),
+                &cfg.server.captures_path,
+                &body,
+                cfg.server.timeout_ms,
+            )
+            .is_ok()
         {
             self.phase = Phase::Inline;
             self.inline_call = Some((op, body));
@@ -499,8 +516,8 @@ impl Context for Http {
         };
         let answer = CallAnswer::from_headers(&headers, body);
         match self.phase {
-            Phase::Allocating { wait } => {
-                let next = self.on_allocated(&cfg, wait, &answer);
+            Phase::Allocating => {
+                let next = self.on_allocated(&cfg, &answer);
                 if next == Action::Continue {
                     let _ = hostcalls::resume_http_request();
                 }

@@ -66,10 +66,93 @@ pub fn inline(mode: crate::config::RecordMode, host: Host) -> bool {
     }
 }
 
+/// Whether ngx_wasm_module takes this call as it is, so that it never fails synchronously:
+/// the upstream is `host` or `host:port` (a name, an IPv4 address or a bracketed IPv6 one;
+/// the port 1 to 65535), not a URL; `:method`, `:path` and `:authority` are not empty
+/// (`ngx_http_proxy_wasm_dispatch`: "no :method", "no :path", and the socket's URL parse).
+pub fn ngx_dispatchable(server: &crate::config::Server, method: &str, path: &str) -> bool {
+    fn host_ok(h: &str) -> bool {
+        match h.strip_prefix('[') {
+            Some(v6) => v6.strip_suffix(']').is_some_and(|a| {
+                !a.is_empty()
+                    && a.bytes()
+                        .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+            }),
+            None => {
+                !h.is_empty()
+                    && h.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+            }
+        }
+    }
+    let upstream = server.upstream.as_str();
+    let (host, port) = match upstream.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(':') && (h.starts_with('[') == h.ends_with(']')) => {
+            (h, Some(p))
+        }
+        _ => (upstream, None),
+    };
+    let port_ok = port.is_none_or(|p| {
+        !p.is_empty()
+            && p.bytes().all(|b| b.is_ascii_digit())
+            && p.parse::<u16>().is_ok_and(|n| n > 0)
+    });
+    host_ok(host)
+        && port_ok
+        && !method.is_empty()
+        && path.starts_with('/')
+        && !server.authority.is_empty()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::RecordMode;
+
+    #[test]
+    fn kong_dispatches_are_checked_before_they_are_made() {
+        let server = |upstream: &str, authority: &str| crate::config::Server {
+            upstream: upstream.into(),
+            authority: authority.into(),
+            path_prefix: String::new(),
+            captures_path: "/captures".into(),
+            batch_path: "/captures/batch".into(),
+            token: None,
+            timeout_ms: 1,
+        };
+        for good in [
+            "127.0.0.1:9000",
+            "localhost:80",
+            "backend",
+            "[::1]:9000",
+            "a-b.c_d:1",
+        ] {
+            assert!(
+                ngx_dispatchable(&server(good, good), "POST", "/captures"),
+                "{good}"
+            );
+        }
+        for bad in [
+            "http://127.0.0.1:9000",
+            "127.0.0.1:9000/api",
+            "127.0.0.1:",
+            "127.0.0.1:0",
+            "127.0.0.1:65536",
+            "127.0.0.1:x",
+            ":9000",
+            "",
+            "[::1",
+            "outbound|9000||idempotency.default.svc.cluster.local",
+        ] {
+            assert!(
+                !ngx_dispatchable(&server(bad, "a"), "POST", "/captures"),
+                "{bad}"
+            );
+        }
+        assert!(!ngx_dispatchable(&server("b:1", ""), "POST", "/captures"));
+        assert!(!ngx_dispatchable(&server("b:1", "b"), "", "/captures"));
+        assert!(!ngx_dispatchable(&server("b:1", "b"), "POST", ""));
+    }
 
     #[test]
     fn detection_and_modes() {

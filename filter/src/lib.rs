@@ -26,9 +26,14 @@
 //! (the HTTP context), [`shared`] (module memory shared by both: queue, metric ids, host).
 //!
 //! ## Invariants
-//! - No dispatch where Kong forbids it: from an HTTP context only in request headers, request
-//!   body and call response; in response phases only inline on a host detected as Envoy (or
-//!   an unknown host with `record: inline`), never on ngx_wasm_module. `on_log` never calls.
+//! - No dispatch where Kong forbids it: from an HTTP context only in request headers and
+//!   request body; in response phases only inline on a host detected as Envoy (or an unknown
+//!   host with `record: inline`), never on ngx_wasm_module. `on_log` never calls.
+//! - No dispatch from any `on_http_call_response`, root or HTTP context, on any host: on Kong
+//!   the first crashes the worker and the second can hang it (HOSTS.md, "Three bugs of
+//!   ngx_wasm_module"). The root context sends from `on_tick` only, one batch call in flight
+//!   per root context (overlapping root calls leak the worker's connections); on Kong a call's
+//!   arguments are checked first, so that a dispatch never fails synchronously.
 //! - No call in flight past the end of its request on Kong: the request is paused on every
 //!   call its context makes there; every call that may outlive a request is the root's.
 //! - No panic on any input: no `unwrap`, `expect`, indexing or unchecked arithmetic on
@@ -74,7 +79,7 @@ pub mod shared;
 
 #[cfg(target_arch = "wasm32")]
 proxy_wasm::main! {{
-    proxy_wasm::set_root_context(|_| -> Box<dyn proxy_wasm::traits::RootContext> {
-        Box::new(root::Root::default())
+    proxy_wasm::set_root_context(|id| -> Box<dyn proxy_wasm::traits::RootContext> {
+        Box::new(root::Root::new(id))
     });
 }}

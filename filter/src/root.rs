@@ -1,6 +1,10 @@
 //! The root context: configuration, the tick that sends the deferred queue, and the answers
-//! to the queue's calls. Root-context calls may outlive any request (HOSTS.md: allowed in
-//! `on_tick` and `on_http_call_response` on Kong).
+//! to the queue's calls. Root-context calls may outlive any request.
+//!
+//! The queue is sent from `on_tick` only, one batch call in flight per root context, never
+//! from `on_http_call_response`: on Kong a root dispatch made from its own call's answer
+//! crashes the worker, and overlapping root calls leak its connections (HOSTS.md, "Three bugs
+//! of ngx_wasm_module"; see [`crate::queue`]).
 
 use std::rc::Rc;
 use std::time::Duration;
@@ -10,16 +14,27 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{BufferType, ContextType, LogLevel, MapType};
 
 use crate::config::Config;
-use crate::decision::CallAnswer;
+use crate::decision::{CallAnswer, batch_statuses};
 use crate::filter::Http;
 use crate::metrics::Metric;
 use crate::queue::{Op, Settled};
 use crate::shared::{call_backend, count, define_metrics, log, now_ms, with_queue};
 
-#[derive(Default)]
 pub struct Root {
+    /// This root context's id: its batch in flight is its own.
+    id: u32,
     config: Option<Rc<Config>>,
     tick_set: bool,
+}
+
+impl Root {
+    pub fn new(id: u32) -> Root {
+        Root {
+            id,
+            config: None,
+            tick_set: false,
+        }
+    }
 }
 
 impl Context for Root {
@@ -27,17 +42,29 @@ impl Context for Root {
         &mut self,
         token: u32,
         _headers: usize,
-        _body: usize,
+        body_size: usize,
         _trailers: usize,
     ) {
         let headers =
             crate::pairs::lossy(crate::shared::header_map(MapType::HttpCallResponseHeaders));
-        let answer = CallAnswer::from_headers(&headers, Vec::new());
+        let body = if body_size > 0 {
+            hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+                .ok()
+                .flatten()
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let answer = CallAnswer::from_headers(&headers, body);
         let now = now_ms();
-        if let Some(settled) = with_queue(|q| q.answered(token, answer.status, now)) {
-            report(settled, &answer.describe());
+        let Some(n) = with_queue(|q| q.batch_len(token)) else {
+            return;
+        };
+        let statuses = batch_statuses(&answer, n);
+        if let Some(settled) = with_queue(|q| q.answered(token, &statuses, now)) {
+            report(&settled, &answer.describe());
         }
-        pump();
+        // Nothing is sent from here: the next tick sends what is due.
     }
 }
 
@@ -76,7 +103,7 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
-        pump();
+        send_due(self.id);
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
@@ -88,37 +115,72 @@ impl RootContext for Root {
     }
 }
 
-/// Sends every queued call that is due, while send slots are free.
-pub fn pump() {
+/// One tick's work: settle the batches past their deadline, then send what is due as one
+/// batch, unless this root context still has one in flight.
+fn send_due(root: u32) {
     let now = now_ms();
-    while let Some(entry) = with_queue(|q| q.take_due(now)) {
-        let server = &entry.target;
-        match call_backend(server, entry.op.method(), &entry.body, server.timeout_ms) {
-            Ok(token) => with_queue(|q| q.sent(token, entry)),
-            Err(status) => {
-                let settled = with_queue(|q| q.send_failed(entry, now));
-                report(
-                    settled,
-                    &format!("dispatch failed (status {})", status as u32),
-                );
-            }
+    let expired = with_queue(|q| q.expire(now));
+    if !expired.is_empty() {
+        report(&expired, "no answer before its deadline");
+    }
+    let Some(batch) = with_queue(|q| q.take_batch(root, now)) else {
+        return;
+    };
+    let target = batch.target.clone();
+    let body = batch.body();
+    match call_backend(
+        &target,
+        "POST",
+        &target.batch_path,
+        &body,
+        target.timeout_ms,
+    ) {
+        Ok(token) => with_queue(|q| q.sent(root, token, batch, now)),
+        Err(status) => {
+            let settled = with_queue(|q| q.send_failed(batch, now));
+            report(
+                &settled,
+                &format!("dispatch failed (status {})", status as u32),
+            );
         }
     }
 }
 
-fn report(settled: Settled, what: &str) {
-    match settled {
-        Settled::Done(Op::Record) => count(Metric::Recorded),
-        Settled::Done(Op::Release) => count(Metric::Released),
-        Settled::Retrying(op) => log(
-            LogLevel::Info,
-            &format!("{} will be retried: {what}", op.name()),
-        ),
-        Settled::Failed(op) => {
-            count(Metric::RecordFailed);
+/// Counts each settled entry, and logs one line per operation that is retried or failed.
+fn report(settled: &[Settled], what: &str) {
+    let total = settled.len();
+    for op in [Op::Record, Op::Release] {
+        let (mut retrying, mut failed) = (0, 0);
+        for s in settled {
+            match *s {
+                Settled::Done(o) if o == op => count(match op {
+                    Op::Record => Metric::Recorded,
+                    Op::Release => Metric::Released,
+                }),
+                Settled::Retrying(o) if o == op => retrying += 1,
+                Settled::Failed(o) if o == op => {
+                    count(Metric::RecordFailed);
+                    failed += 1;
+                }
+                _ => {}
+            }
+        }
+        if retrying > 0 {
+            log(
+                LogLevel::Info,
+                &format!(
+                    "{} will be retried ({retrying} of a batch of {total}): {what}",
+                    op.name()
+                ),
+            );
+        }
+        if failed > 0 {
             log(
                 LogLevel::Warn,
-                &format!("{} failed: {what} (the lease will free the key)", op.name()),
+                &format!(
+                    "{} failed ({failed} of a batch of {total}): {what} (the lease will free the key)",
+                    op.name()
+                ),
             );
         }
     }

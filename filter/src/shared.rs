@@ -1,6 +1,6 @@
 //! Module memory shared by the root and HTTP contexts of one instance: the deferred queue,
 //! the metric ids, the detected host; and the host calls both make (header maps as bytes,
-//! calls to the backend, the clock, the log). A Wasm instance is single-threaded; every borrow
+//! calls to the backend through [`call_backend`], the clock, the log). A Wasm instance is single-threaded; every borrow
 //! here is short and never held across a host call that could call back into the module.
 
 use std::cell::{Cell, RefCell};
@@ -115,20 +115,31 @@ pub fn header_map(_map: MapType) -> Pairs {
     Vec::new()
 }
 
-/// Dispatches `method` with `body` to the backend's captures resource: the call's token, or
-/// the host's refusal.
+/// Dispatches `method` `path` with `body` to the backend: the call's token, or the refusal.
+///
+/// On Kong the arguments are checked first and a call ngx_wasm_module would refuse is never
+/// made (BadArgument): a root-context dispatch that fails synchronously leaks a connection slot
+/// of the worker for good (HOSTS.md, bug 3), and in an HTTP context it traps.
 pub fn call_backend(
     server: &Server,
     method: &str,
+    path: &str,
     body: &[u8],
     timeout_ms: u64,
 ) -> Result<u32, Status> {
-    let headers = call_headers(
-        method,
-        &server.captures_path,
-        &server.authority,
-        server.token.as_deref(),
-    );
+    if HOST.with(Cell::get) == Some(Host::Ngx)
+        && !crate::host::ngx_dispatchable(server, method, path)
+    {
+        log(
+            LogLevel::Error,
+            &format!(
+                "not calling the backend: server.upstream {:?} is not host:port, as Kong needs",
+                server.upstream
+            ),
+        );
+        return Err(Status::BadArgument);
+    }
+    let headers = call_headers(method, path, &server.authority, server.token.as_deref());
     let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
     hostcalls::dispatch_http_call(
         &server.upstream,

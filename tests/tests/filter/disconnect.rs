@@ -145,12 +145,19 @@ async fn a_client_that_disconnects_while_the_upstream_works(mode: Mode) {
     t.finish().await;
 }
 
-/// The record calls a stand-in backend received.
+/// The record calls a stand-in backend received: single ones (inline) and batches (the
+/// queue's, one record each here).
 fn records(stand_in: &Upstream) -> usize {
     stand_in
         .requests()
         .iter()
-        .filter(|s| s.method == "POST" && s.path == "/api/v2/captures")
+        .filter(|s| {
+            s.method == "POST"
+                && matches!(
+                    s.path.as_str(),
+                    "/api/v2/captures" | "/api/v2/captures/batch"
+                )
+        })
         .count()
 }
 
@@ -168,6 +175,12 @@ async fn a_client_that_goes_away_while_the_inline_record_is_in_flight(mode: Mode
         Reply::new(200)
             .header("content-type", "application/json")
             .body("{\"idempotency_key\":\"k\",\"expires_at\":\"2100-01-01T00:00:00Z\"}"),
+    );
+    stand_in.reply(
+        "POST /api/v2/captures/batch",
+        Reply::new(200)
+            .header("content-type", "application/json")
+            .body("{\"results\":[{\"status\":200,\"body\":{}}]}"),
     );
     stand_in.hold("POST /api/v2/captures");
     let t = E2e::setup(mode)
