@@ -243,6 +243,7 @@ async fn record(
             ))
         }
         RecordOutcome::Forbidden => Err(ApiError::NotAllocated),
+        RecordOutcome::TooLarge { limit } => Err(ApiError::CaptureTooLarge { limit }),
     }
 }
 
