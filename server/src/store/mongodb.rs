@@ -766,8 +766,10 @@ const TOO_LARGE_CODES: &[i32] = &[10334, 17419];
 /// every code of the `RetriableError` and `NotPrimaryError` categories, plus the codes a
 /// deployment in the middle of an election, a restart or a failover returns that those
 /// categories leave out (LegacyNotPrimary, which the driver's SDAM spec list also counts as
-/// "not writable primary"; Interrupted; mongos's FailedToSatisfyReadPreference; the time-outs).
-/// At start they are retried for `--store-start-timeout`; later each is a 503.
+/// "not writable primary"; Interrupted; mongos's FailedToSatisfyReadPreference; the time-outs;
+/// an index build of another server starting at the same time, which createIndexes reports
+/// rather than waits for, as mongo's own jstests expect). At start they are retried for
+/// `--store-start-timeout`; later each is a 503.
 const TRANSIENT_CODES: &[i32] = &[
     6,        // HostUnreachable (RetriableError)
     7,        // HostNotFound (RetriableError)
@@ -780,6 +782,8 @@ const TRANSIENT_CODES: &[i32] = &[
     189,      // PrimarySteppedDown (NotPrimaryError, RetriableError)
     202,      // NetworkInterfaceExceededTimeLimit: mongos → shard time-out
     262,      // ExceededTimeLimit (RetriableError)
+    276,      // IndexBuildAborted: a build interrupted (a stepdown); createIndexes again
+    285,      // IndexBuildAlreadyInProgress: another server is building the same index
     358,      // InternalTransactionNotSupported (RetriableError)
     402,      // ResourceExhausted (RetriableError)
     406,      // MigrationBlockingOperationCoordinatorCleaningUp (RetriableError)
@@ -1543,6 +1547,7 @@ mod tests {
             (189, "PrimarySteppedDown"),
             (91, "ShutdownInProgress"),
             (6, "HostUnreachable"),
+            (285, "IndexBuildAlreadyInProgress"),
         ] {
             assert!(
                 matches!(
