@@ -275,6 +275,7 @@ fn recorded(
             })
         }
         RecordOutcome::Forbidden => Err(ApiError::NotAllocated),
+        RecordOutcome::TooLarge { limit } => Err(ApiError::CaptureTooLarge { limit }),
     }
 }
 

@@ -38,6 +38,12 @@ pub enum ApiError {
     /// 413: the body is larger than the limit.
     #[error("The request body is larger than {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    /// 413: the response to record is larger than the store keeps in one entry.
+    #[error(
+        "The response is too large for the store: stored, it would exceed {limit} bytes \
+         (its headers and body, as the store encodes them)"
+    )]
+    CaptureTooLarge { limit: usize },
     /// 401: `API_TOKEN` is set and the request does not carry it.
     #[error("Missing or invalid bearer token")]
     Unauthorized,
@@ -68,7 +74,9 @@ impl ApiError {
             }
             ApiError::InFlight { .. } => StatusCode::CONFLICT,
             ApiError::NotAllocated => StatusCode::FORBIDDEN,
-            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::PayloadTooLarge { .. } | ApiError::CaptureTooLarge { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -84,7 +92,9 @@ impl ApiError {
             ApiError::FingerprintMismatch => problem_type::FINGERPRINT_MISMATCH,
             ApiError::InFlight { .. } => problem_type::IN_FLIGHT,
             ApiError::NotAllocated => problem_type::NOT_ALLOCATED,
-            ApiError::PayloadTooLarge { .. } => problem_type::PAYLOAD_TOO_LARGE,
+            ApiError::PayloadTooLarge { .. } | ApiError::CaptureTooLarge { .. } => {
+                problem_type::PAYLOAD_TOO_LARGE
+            }
             ApiError::Unauthorized => problem_type::UNAUTHORIZED,
             ApiError::NotFound | ApiError::MethodNotAllowed => problem_type::ABOUT_BLANK,
             ApiError::Store(_) => problem_type::STORE_UNAVAILABLE,
@@ -98,7 +108,9 @@ impl ApiError {
             ApiError::FingerprintMismatch => "Idempotency key reused with another payload",
             ApiError::InFlight { .. } => "Request in progress",
             ApiError::NotAllocated => "Capture not allocated",
-            ApiError::PayloadTooLarge { .. } => "Payload too large",
+            ApiError::PayloadTooLarge { .. } | ApiError::CaptureTooLarge { .. } => {
+                "Payload too large"
+            }
             ApiError::Unauthorized => "Unauthorized",
             ApiError::NotFound => "Not Found",
             ApiError::MethodNotAllowed => "Method Not Allowed",

@@ -863,3 +863,81 @@ async fn a_store_that_is_down_is_503_and_not_ready() {
     assert_eq!(c.get("/-/ping").await.status, 200);
     server.stop().await;
 }
+
+/// The embedded store behind the MongoDB store's own size check of a record
+/// (`completed_document_size` against `MAX_DOCUMENT_BYTES`, as `MongoStore::record` applies
+/// it before sending anything): what the API answers for a capture that passes the body limit
+/// yet would pass MongoDB's 16 MiB, without a MongoDB.
+struct MongoSized {
+    inner: idempotency_server::EmbeddedStore,
+    _dir: tempfile::TempDir,
+}
+
+#[async_trait]
+impl Store for MongoSized {
+    fn name(&self) -> &'static str {
+        "mongo-sized"
+    }
+    async fn allocate(&self, request: Allocate) -> Result<AllocateOutcome, StoreError> {
+        self.inner.allocate(request).await
+    }
+    async fn record(&self, request: Record) -> Result<RecordOutcome, StoreError> {
+        use idempotency_server::store::mongodb::{
+            MAX_DOCUMENT_BYTES, capture_document, completed_document_size,
+        };
+        let capture = capture_document(&request.capture)?;
+        if completed_document_size(&request.key, &capture)? > MAX_DOCUMENT_BYTES {
+            return Ok(RecordOutcome::TooLarge {
+                limit: MAX_DOCUMENT_BYTES,
+            });
+        }
+        self.inner.record(request).await
+    }
+    async fn release(&self, request: Release) -> Result<ReleaseOutcome, StoreError> {
+        self.inner.release(request).await
+    }
+    async fn ready(&self) -> Result<(), StoreError> {
+        self.inner.ready().await
+    }
+    async fn shutdown(&self) -> Result<(), StoreError> {
+        self.inner.shutdown().await
+    }
+}
+
+#[tokio::test]
+async fn a_capture_too_large_for_the_store_is_413_and_the_key_stays_allocated() {
+    let dir = tempfile::tempdir().unwrap();
+    let inner = idempotency_server::EmbeddedStore::open(idempotency_server::EmbeddedOptions::new(
+        dir.path(),
+    ))
+    .unwrap();
+    let server = TestServer::start_on(Arc::new(MongoSized { inner, _dir: dir })).await;
+    let c = &server.client;
+    let token = c.lease("YmlnaGVhZGVycw").await;
+    // 1.5 million empty values of one header: about 4.5 MB of JSON, within the default 8 MiB
+    // body limit, but every value is an element of its own in BSON (type, index, length,
+    // terminator): about 21 MB.
+    let values = vec![""; 1_500_000];
+    let crowded = json!({
+        "response_status": 200,
+        "response_body": "",
+        "response_headers": [{ "key": "x-many", "value": values }],
+    });
+    let body =
+        json!({ "idempotency_key": "YmlnaGVhZGVycw", "lease_token": token, "response": crowded });
+    assert!(body.to_string().len() < 8 << 20);
+    let answer = c.record(body).await;
+    let detail = answer.assert_problem(413, problem_type::PAYLOAD_TOO_LARGE);
+    assert!(detail.contains("16777216"), "{detail}");
+    // Nothing changed: the lease still holds the key, and its holder can record a smaller
+    // response (or release it).
+    let again = c
+        .allocate(json!({ "idempotency_key": "YmlnaGVhZGVycw" }))
+        .await;
+    assert_eq!(again.status, 409, "{again:?}");
+    let recorded = c
+        .record(json!({ "idempotency_key": "YmlnaGVhZGVycw", "lease_token": token, "response": response("small") }))
+        .await;
+    assert_eq!(recorded.status, 200, "{recorded:?}");
+    server.stop().await;
+}

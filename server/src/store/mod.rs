@@ -116,6 +116,10 @@ pub enum RecordOutcome {
     Stored { expires_at: UnixMillis },
     /// Not allocated, already completed, lease expired or taken over, or another token. 403.
     Forbidden,
+    /// The capture is larger than this store can keep as one entry (a MongoDB document is at
+    /// most `limit` bytes of BSON, which can be more than the JSON the caller sent): nothing
+    /// changes, the allocation stays as it was. 413. Only a store with such a limit returns it.
+    TooLarge { limit: usize },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod fake_mongod;
 pub mod redis_server;
 
 use std::future::Future;
