@@ -19,8 +19,9 @@ use anyhow::{Result, anyhow, bail};
 use wasmtime::{Engine, Instance, Linker, Module, Store, TypedFunc};
 
 use crate::abi::Pairs;
+use crate::connections::Slots;
 use crate::host::HostOptions;
-use crate::observed::{Level, Observed, Source};
+use crate::observed::{Level, Observed, Source, ViolationKind};
 use crate::rules::{Mode, Phase};
 
 /// The id of the root context (one filter, one root context per instance).
@@ -82,10 +83,12 @@ pub struct CallResponse {
     pub trailers: Pairs,
     /// ngx: `:dispatch_status` of a failed call (`timeout`, `broken connection`, …).
     pub dispatch_status: Option<String>,
+    /// The answered call was dispatched with a request body (ngx bug 2 needs one).
+    pub request_had_body: bool,
 }
 
 /// A call the filter dispatched, for the worker to send once the callback returns.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct DispatchRequest {
     pub token: u32,
     /// The context that dispatched it ([`ROOT_ID`] for the root context).
@@ -101,6 +104,8 @@ pub struct DispatchRequest {
     pub trailers: Pairs,
     /// None: no time-out (Envoy, timeout 0).
     pub timeout: Option<Duration>,
+    /// ngx: the fake connection of a root context's call (see [`crate::connections`]).
+    pub fake_connection: Option<crate::connections::Slot>,
 }
 
 /// The state host calls read and write: the store data of the instance.
@@ -126,10 +131,22 @@ pub struct World {
     pub queues: HashMap<String, u32>,
     pub queue_data: HashMap<u32, std::collections::VecDeque<Vec<u8>>>,
     pub rng: u64,
+    /// ngx: the worker's connection slots (`worker_connections`).
+    pub slots: Arc<Slots>,
+    /// What a call of this callback did that kills the worker (ngx bugs 1 and 2), applied
+    /// by the worker once the callback returns: the violation and its detail.
+    pub fatal: Option<(ViolationKind, String)>,
+    /// ngx: root dispatches of this callback that failed synchronously (each leaks a slot).
+    pub sync_failures: u32,
 }
 
 impl World {
-    pub fn new(opts: Arc<HostOptions>, observed: Arc<Mutex<Observed>>, now_ns: u64) -> World {
+    pub fn new(
+        opts: Arc<HostOptions>,
+        observed: Arc<Mutex<Observed>>,
+        slots: Arc<Slots>,
+        now_ns: u64,
+    ) -> World {
         World {
             mode: opts.mode,
             next_token: opts.mode.first_call_token(),
@@ -148,6 +165,9 @@ impl World {
             queues: HashMap::new(),
             queue_data: HashMap::new(),
             rng: 0x9E37_79B9_7F4A_7C15 ^ now_ns,
+            slots,
+            fatal: None,
+            sync_failures: 0,
         }
     }
 

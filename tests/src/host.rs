@@ -20,6 +20,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::abi::Pairs;
+use crate::connections::Slots;
 use crate::observed::{Fuel, Level, LogLine, Metric, Observed, Violation, ViolationKind};
 use crate::rules::Mode;
 
@@ -66,6 +67,10 @@ pub struct HostOptions {
     pub log_level: u8,
     /// ngx: the time-out of a call dispatched with timeout 0.
     pub ngx_default_dispatch_timeout: Duration,
+    /// ngx: `worker_connections`, the slots every client connection, upstream exchange and
+    /// call takes (Kong: `ulimit -n` clamped to 1024–16384; 1024 here). See
+    /// [`crate::connections`].
+    pub worker_connections: usize,
     /// The virtual clock's start, nanoseconds since the Unix epoch.
     pub start_time_ns: u64,
 }
@@ -101,6 +106,8 @@ impl HostBuilder {
     setter!(buffer_limit: usize);
     setter!(fail_open: bool);
     setter!(ngx_default_dispatch_timeout: Duration);
+    setter!(/// ngx: `worker_connections` (1024 by default).
+        worker_connections: usize);
 
     /// The route's upstream.
     pub fn upstream(mut self, addr: SocketAddr) -> Self {
@@ -294,6 +301,7 @@ pub struct Host {
     expected: Mutex<HashSet<ViolationKind>>,
     start_ns: u64,
     elapsed: Mutex<Duration>,
+    slots: Arc<Slots>,
 }
 
 impl Host {
@@ -330,6 +338,7 @@ impl Host {
                 shm_queues: HashSet::new(),
                 log_level: 0,
                 ngx_default_dispatch_timeout: crate::dispatch::NGX_DEFAULT_TIMEOUT,
+                worker_connections: 1024,
                 start_time_ns,
             },
         }
@@ -347,14 +356,24 @@ impl Host {
         };
         let (ready_tx, ready_rx) = oneshot::channel();
         let runtime = tokio::runtime::Handle::current();
+        let slots = Slots::new(if opts.mode.worker_connections_leak() {
+            opts.worker_connections
+        } else {
+            usize::MAX
+        });
         let thread = {
-            let (opts, observed, poster) = (opts.clone(), observed.clone(), poster.clone());
+            let (opts, observed, poster, slots) = (
+                opts.clone(),
+                observed.clone(),
+                poster.clone(),
+                slots.clone(),
+            );
             std::thread::Builder::new()
                 .name(format!("proxy-wasm-{}", opts.mode))
                 .stack_size(32 * 1024 * 1024)
                 .spawn(move || {
                     let worker =
-                        crate::traffic::Worker::new(opts, &bytes, observed, poster, runtime);
+                        crate::traffic::Worker::new(opts, &bytes, observed, poster, runtime, slots);
                     match worker {
                         Ok(mut worker) => {
                             let _ = ready_tx.send(Ok(()));
@@ -376,7 +395,12 @@ impl Host {
         }
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
-        let accept = tokio::spawn(accept_loop(listener, poster.clone()));
+        let accept = tokio::spawn(accept_loop(
+            listener,
+            poster.clone(),
+            slots.clone(),
+            observed.clone(),
+        ));
         Ok(Host {
             addr,
             mode: opts.mode,
@@ -387,6 +411,7 @@ impl Host {
             expected: Mutex::new(HashSet::new()),
             start_ns: opts.start_time_ns,
             elapsed: Mutex::new(Duration::ZERO),
+            slots,
         })
     }
 
@@ -497,6 +522,16 @@ impl Host {
         self.observed.lock().unwrap().fuel.clone()
     }
 
+    /// ngx: connection slots lost for good by the current worker (HOSTS.md bug 3).
+    pub fn leaked_connections(&self) -> usize {
+        self.slots.leaked()
+    }
+
+    /// ngx: connection slots in use now (client connections, upstream exchanges, calls).
+    pub fn connections_in_use(&self) -> usize {
+        self.slots.in_use()
+    }
+
     /// How many times the module was instantiated (1, plus one per ngx reset).
     pub fn instances(&self) -> u32 {
         self.observed.lock().unwrap().instances
@@ -547,6 +582,9 @@ impl Host {
             ViolationKind::DispatchOutlivedRequest,
             ViolationKind::BodyChangedAfterContentLength,
             ViolationKind::ConfigureFailed,
+            ViolationKind::RootDispatchFromCallResponse,
+            ViolationKind::DispatchAfterEmptyAnswer,
+            ViolationKind::ConnectionLeaked,
         ]);
     }
 
@@ -572,15 +610,33 @@ impl Drop for Host {
 static NEXT_REQUEST: AtomicU64 = AtomicU64::new(1);
 static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
 
-async fn accept_loop(listener: TcpListener, poster: Poster) {
+async fn accept_loop(
+    listener: TcpListener,
+    poster: Poster,
+    slots: Arc<Slots>,
+    observed: Arc<Mutex<Observed>>,
+) {
     loop {
         let Ok((stream, peer)) = listener.accept().await else {
+            continue;
+        };
+        // ngx: a connection takes a slot for as long as it is open; with none left nginx
+        // closes it at once (ngx_event_accept).
+        let Some(slot) = slots.take() else {
+            observed.lock().unwrap().log(
+                Level::Error,
+                crate::observed::Source::Host,
+                0,
+                format!("{} worker_connections are not enough", slots.limit()),
+            );
+            drop(stream);
             continue;
         };
         let local = stream.local_addr().unwrap_or(peer);
         let poster = poster.clone();
         let connection_id = NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
+            let _slot = slot;
             let service = hyper::service::service_fn(move |req| {
                 serve(req, poster.clone(), peer, local, connection_id)
             });

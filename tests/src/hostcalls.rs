@@ -18,8 +18,8 @@ use wasmtime::{Result, bail};
 
 use crate::abi::{self, Pairs, status};
 use crate::contexts::{DispatchRequest, LocalResponse, ROOT_ID, World};
-use crate::observed::{Level, Metric, MetricKind, Source};
-use crate::rules::{DispatchRule, Mode};
+use crate::observed::{Level, Metric, MetricKind, Source, ViolationKind};
+use crate::rules::{DispatchRule, Mode, Phase};
 
 /// The `env` functions this host provides.
 pub const NAMES: &[&str] = &[
@@ -854,16 +854,74 @@ fn plan_call(
     let pseudo =
         |name: &str| abi::get(&headers, name).map(|v| String::from_utf8_lossy(v).into_owned());
     let (method, path, authority) = (pseudo(":method"), pseudo(":path"), pseudo(":authority"));
+    let root = w.current == ROOT_ID;
+    let mut fake_connection = None;
     let target = match mode {
         Mode::Ngx => {
             if upstream.contains("://") || upstream.contains('/') {
                 bail!("dispatch failed: invalid host \"{upstream}\" (a URL is not a host:port)");
+            }
+            if root && mode.worker_connections_leak() {
+                // A root call ngx_wasm_module cannot make returns an error status (no trap:
+                // there is no request to fail), and its fake connection is never freed.
+                let refused = if method.as_deref().is_none_or(str::is_empty) {
+                    Some("no :method")
+                } else if path.as_deref().is_none_or(str::is_empty) {
+                    Some("no :path")
+                } else if !ngx_port_ok(upstream) {
+                    Some("invalid port")
+                } else {
+                    None
+                };
+                if let Some(why) = refused {
+                    w.host_log(
+                        Level::Error,
+                        format!("dispatch failed: {why} (root context, \"{upstream}\")"),
+                    );
+                    w.sync_failures += 1;
+                    return Ok(Err(status::INTERNAL_FAILURE));
+                }
+                match w.slots.take() {
+                    Some(slot) => fake_connection = Some(slot),
+                    None => {
+                        let limit = w.slots.limit();
+                        w.host_log(
+                            Level::Error,
+                            format!("{limit} worker_connections are not enough"),
+                        );
+                        return Ok(Err(status::INTERNAL_FAILURE));
+                    }
+                }
             }
             if method.is_none() {
                 bail!("dispatch failed: no :method");
             }
             if path.is_none() {
                 bail!("dispatch failed: no :path");
+            }
+            if phase == Phase::CallResponse
+                && let Some(answered) = &w.call
+            {
+                if root
+                    && mode.root_dispatch_in_call_response_crashes()
+                    && answered.dispatch_status.is_none()
+                {
+                    w.fatal.get_or_insert((
+                        ViolationKind::RootDispatchFromCallResponse,
+                        "the root context dispatched inside its own on_http_call_response after a complete answer: the nginx worker crashes (SIGSEGV, HOSTS.md bug 1)".into(),
+                    ));
+                }
+                if !root
+                    && mode.dispatch_after_empty_answer_hangs()
+                    && answered.request_had_body
+                    && answered.body.is_empty()
+                    && !body.is_empty()
+                {
+                    w.fatal.get_or_insert((
+                        ViolationKind::DispatchAfterEmptyAnswer,
+                        "an HTTP context dispatched a call with a body from on_http_call_response after an empty-bodied answer: the nginx worker spins for ever (HOSTS.md bug 2)".into(),
+                    ));
+                }
             }
             resolve(upstream)
         }
@@ -906,8 +964,27 @@ fn plan_call(
         body,
         trailers,
         timeout,
+        fake_connection,
     });
     Ok(Ok(token))
+}
+
+/// ngx: whether the port of `host[:port]` is one (absent, or 1 to 65535 in digits); the
+/// socket's URL parse refuses anything else at once.
+fn ngx_port_ok(upstream: &str) -> bool {
+    let after_host = match upstream.strip_prefix('[') {
+        Some(v6) => v6.split_once(']').map(|(_, rest)| rest),
+        None => Some(upstream.find(':').map_or("", |i| &upstream[i..])),
+    };
+    match after_host {
+        None => false,
+        Some("") => true,
+        Some(rest) => rest.strip_prefix(':').is_some_and(|p| {
+            !p.is_empty()
+                && p.bytes().all(|b| b.is_ascii_digit())
+                && p.parse::<u16>().is_ok_and(|n| n > 0)
+        }),
+    }
 }
 
 /// ngx: `host:port` (no port → 80); names other than `localhost` and IP literals

@@ -195,6 +195,7 @@
 pub mod abi;
 pub mod build;
 pub mod client;
+pub mod connections;
 pub mod contexts;
 pub mod dispatch;
 pub mod host;

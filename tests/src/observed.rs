@@ -94,6 +94,16 @@ pub enum ViolationKind {
     BodyChangedAfterContentLength,
     /// `on_configure` returned false: Kong stops the worker.
     ConfigureFailed,
+    /// ngx bug 1: the root context dispatched inside its own `on_http_call_response` after a
+    /// complete answer; a real nginx worker crashes (SIGSEGV).
+    RootDispatchFromCallResponse,
+    /// ngx bug 2: an HTTP context dispatched a call with a body from `on_http_call_response`
+    /// after an answer with an empty body; a real nginx worker spins for ever.
+    DispatchAfterEmptyAnswer,
+    /// ngx bug 3: a root call completed while another of its root context was pending, or a
+    /// root dispatch failed synchronously; a real nginx worker lost a connection slot for
+    /// good.
+    ConnectionLeaked,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -253,6 +253,32 @@ impl Mode {
         matches!(self, Mode::Ngx)
     }
 
+    /// ngx bug 1 (HOSTS.md, observed with a debugger): a dispatch made by the root context
+    /// inside its own `on_http_call_response`, after that call got a complete answer, crashes
+    /// the worker: the answered call's connection slot is reused by the new call's fake
+    /// connection, and the host's clean-up writes through its stale pointer. A failed call's
+    /// answer (time-out, refused, reset) does not trigger it.
+    pub fn root_dispatch_in_call_response_crashes(self) -> bool {
+        matches!(self, Mode::Ngx)
+    }
+
+    /// ngx bug 2 (HOSTS.md, observed): an HTTP context that dispatches a call with a body
+    /// from `on_http_call_response`, when the answered call had a body and its answer an
+    /// empty one (a 204, a `Content-Length: 0` 409), hangs the worker for ever (its send
+    /// chain points to itself; it spins in `ngx_wasm_socket_tcp_send`).
+    pub fn dispatch_after_empty_answer_hangs(self) -> bool {
+        matches!(self, Mode::Ngx)
+    }
+
+    /// ngx bug 3 (HOSTS.md, observed): the worker has `worker_connections` slots; every root
+    /// call gets a fake connection, freed when the call completes only if no other call of
+    /// that root context is pending, and a root dispatch that fails synchronously (it
+    /// returns an error status there; an HTTP context traps) never frees its own. See
+    /// [`crate::connections`].
+    pub fn worker_connections_leak(self) -> bool {
+        matches!(self, Mode::Ngx)
+    }
+
     /// ngx: a client that goes away does not stop the request: a pending call
     /// completes, on_http_call_response runs, the request goes on to the upstream and
     /// on_log runs (observed). Envoy resets the stream: pending calls are cancelled,

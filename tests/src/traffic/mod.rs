@@ -27,6 +27,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use wasmtime::{Config, Engine, Linker, Module};
 
+use crate::connections::Slots;
 use crate::contexts::{Action, ROOT_ID, StreamData, Vm, World};
 use crate::host::{Down, Event, HostOptions, Poster};
 use crate::observed::{Level, Observed, Source, ViolationKind};
@@ -116,8 +117,14 @@ pub struct Worker {
     now_ns: u64,
     next_tick: Option<u64>,
     tick_period: Option<u64>,
-    /// (instance generation, token) → the request that dispatched the call.
-    call_owners: HashMap<(u64, u32), u64>,
+    /// Every call in flight, by (instance generation, token).
+    calls: HashMap<(u64, u32), calls::InFlight>,
+    /// ngx: the worker's connection slots (shared with the accept loop).
+    slots: Arc<Slots>,
+    /// ngx bug 2: the worker spins; it serves nothing any more.
+    hung: bool,
+    /// The clients of a hung worker: kept, so that they wait (for ever, as on the real one).
+    hung_clients: Vec<mpsc::UnboundedSender<Down>>,
 }
 
 impl Worker {
@@ -127,6 +134,7 @@ impl Worker {
         observed: Arc<Mutex<Observed>>,
         poster: Poster,
         runtime: tokio::runtime::Handle,
+        slots: Arc<Slots>,
     ) -> Result<Worker> {
         let engine = engine()?;
         let mut linker = Linker::new(&engine);
@@ -150,7 +158,10 @@ impl Worker {
             next_ctx: ROOT_ID + 1,
             next_tick: None,
             tick_period: None,
-            call_owners: HashMap::new(),
+            calls: HashMap::new(),
+            slots,
+            hung: false,
+            hung_clients: Vec::new(),
         };
         if let Err(e) = worker.new_instance() {
             if e.to_string().contains("on_configure returned false") {
@@ -167,7 +178,12 @@ impl Worker {
     /// Instantiates the module and starts its root context.
     fn new_instance(&mut self) -> Result<()> {
         self.generation += 1;
-        let world = World::new(self.opts.clone(), self.observed.clone(), self.now_ns);
+        let world = World::new(
+            self.opts.clone(),
+            self.observed.clone(),
+            self.slots.clone(),
+            self.now_ns,
+        );
         let mut vm = Vm::instantiate(
             &self.engine,
             &self.linker,
@@ -191,11 +207,89 @@ impl Worker {
     pub fn run(&mut self, mut rx: mpsc::UnboundedReceiver<Event>) {
         while let Some(event) = rx.blocking_recv() {
             let stop = matches!(event, Event::Shutdown);
-            self.handle(event);
+            if self.hung {
+                self.spin(event);
+            } else {
+                self.handle(event);
+                // What the event's callbacks did that kills the worker takes effect now.
+                let fatal = self.vm.as_mut().and_then(|vm| vm.world().fatal.take());
+                if let Some((kind, detail)) = fatal {
+                    match kind {
+                        ViolationKind::DispatchAfterEmptyAnswer => self.hang(kind, detail),
+                        _ => self.crash(kind, detail),
+                    }
+                }
+            }
             self.poster.pending.dec();
             if stop {
                 break;
             }
+        }
+    }
+
+    /// ngx: the worker process died (SIGSEGV). Every request in flight on it fails as its
+    /// client sees a dead worker's (the connection closes, no response or a cut one), the
+    /// instance and its memory are gone, and the master's new worker starts at once: a new
+    /// instance (vm start, configure, ticks) and all its connection slots.
+    fn crash(&mut self, kind: ViolationKind, detail: String) {
+        self.host_log(
+            Level::Critical,
+            0,
+            "worker process exited on signal 11 (core dumped); a new worker starts",
+        );
+        for (_, r) in self.reqs.drain() {
+            if let Some(task) = r.upstream_task {
+                task.abort();
+            }
+            let _ = r.down.send(Down::Abort);
+            self.poster.pending.dec();
+        }
+        self.by_ctx.clear();
+        self.calls.clear();
+        self.slots.reset();
+        self.vm = None;
+        self.next_tick = None;
+        self.tick_period = None;
+        if let Err(e) = self.new_instance() {
+            self.host_log(
+                Level::Error,
+                0,
+                format!("the new worker failed to start: {e:#}"),
+            );
+        }
+        // Last, so that whoever sees the violation sees the new worker too.
+        self.observed.lock().unwrap().violation(kind, detail);
+    }
+
+    /// ngx: the worker spins for ever in `ngx_wasm_socket_tcp_send` ("send() returned
+    /// zero"). Nothing it holds progresses and nothing is respawned: its requests, and every
+    /// later one, wait until their clients give up.
+    fn hang(&mut self, kind: ViolationKind, detail: String) {
+        self.host_log(
+            Level::Critical,
+            0,
+            "send() returned zero (the worker spins; every request on it hangs)",
+        );
+        self.hung = true;
+        for (_, r) in self.reqs.drain() {
+            if let Some(task) = r.upstream_task {
+                task.abort();
+            }
+            self.hung_clients.push(r.down);
+            self.poster.pending.dec();
+        }
+        self.by_ctx.clear();
+        self.calls.clear();
+        self.next_tick = None;
+        self.observed.lock().unwrap().violation(kind, detail);
+    }
+
+    /// An event reaching a hung worker: nothing happens; a new client waits like the others.
+    fn spin(&mut self, event: Event) {
+        match event {
+            Event::ClientRequest { down, .. } => self.hung_clients.push(down),
+            Event::Advance { done, .. } => drop(done.send(())),
+            _ => {}
         }
     }
 
@@ -437,16 +531,17 @@ impl Worker {
             None => Vec::new(),
         };
         if !outstanding.is_empty() && self.alive(id) {
+            let vm = self.vm.as_mut().unwrap();
             if self.mode.dispatch_outliving_request_is_fatal() {
-                self.observed.lock().unwrap().violation(
+                // The worker crashes once this event is handled (see `run`).
+                vm.world().fatal.get_or_insert((
                     ViolationKind::DispatchOutlivedRequest,
                     format!(
                         "context {ctx}: dispatch {outstanding:?} still in flight when the request ended (nginx worker crashes with signal 11)"
                     ),
-                );
+                ));
             }
             // Both: the call's answer is dropped (envoy cancels it).
-            let vm = self.vm.as_mut().unwrap();
             for t in outstanding {
                 vm.world().calls.remove(&t);
             }

@@ -71,6 +71,18 @@ impl Worker {
             self.upstream_failed(id, true);
             return;
         };
+        // ngx: the upstream connection takes a slot; with none left the request gets 500
+        // (ngx_http_upstream_connect: no connection from ngx_event_connect_peer).
+        let Some(slot) = self.slots.take() else {
+            let limit = self.slots.limit();
+            self.host_log(
+                Level::Error,
+                0,
+                format!("{limit} worker_connections are not enough"),
+            );
+            self.error_response(id, 500, "");
+            return;
+        };
         let mode = self.mode;
         let Some(stream) = self.stream(id) else {
             return;
@@ -105,6 +117,7 @@ impl Worker {
         let guard = crate::host::PendingGuard::new(&poster.pending);
         let task = self.runtime.spawn(async move {
             let _guard = guard;
+            let _slot = slot;
             forward(id, addr, method, path, headers, rx, streamed, &poster).await;
         });
         if let Some(r) = self.reqs.get_mut(&id) {

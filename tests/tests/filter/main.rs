@@ -10,6 +10,7 @@ mod bodies;
 mod concurrency;
 mod config;
 mod disconnect;
+mod load;
 mod problems;
 mod queue;
 mod recording;
