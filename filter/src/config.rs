@@ -70,6 +70,32 @@ pub enum RecordMode {
     Auto,
 }
 
+/// How a keyed request's body is fingerprinted on Envoy (`envoy.request_body`). Envoy turns a
+/// filter's Pause in `on_http_request_headers` into StopAllIterationAndWatermark: no body
+/// callback comes until the filter resumes, unless the Wasm filter is configured with
+/// `allow_on_headers_stop_iteration` (Envoy 1.35+; proxy-wasm-cpp-host#143,
+/// envoyproxy/envoy#40213). Kong delivers the body whole before the upstream and ignores this.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EnvoyBody {
+    /// Allocate from the headers (request paused); the fingerprint covers method, path,
+    /// content-type and the declared Content-Length, not the body bytes.
+    Skip,
+    /// Hold the headers until the body is read and fingerprinted (needs the 1.35 knob).
+    Await,
+    /// Let the headers go upstream, hold the body until it is fingerprinted and allocated.
+    Stream,
+}
+
+impl EnvoyBody {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EnvoyBody::Skip => "skip",
+            EnvoyBody::Await => "await",
+            EnvoyBody::Stream => "stream",
+        }
+    }
+}
+
 /// A set of HTTP statuses, as inclusive ranges.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StatusSet(pub Vec<(u16, u16)>);
@@ -160,6 +186,7 @@ pub struct Config {
     pub record: RecordMode,
     pub tick_ms: u64,
     pub queue: QueueConfig,
+    pub envoy_body: EnvoyBody,
 }
 
 /// Whether `s` is an HTTP token (RFC 9110 §5.6.2): a header name or a method.
@@ -412,6 +439,7 @@ impl Config {
             "record",
             "tick_ms",
             "queue",
+            "envoy",
         ];
         let top = Obj::new("", v, TOP)?;
         // What an absent optional object reads as: every field its default.
@@ -440,7 +468,7 @@ impl Config {
             ));
         }
         let authority = match so.opt_string("authority")? {
-            None => upstream.clone(),
+            None => default_authority(&upstream),
             Some(a) if is_visible_ascii(&a) && a.len() <= 1024 => a,
             Some(_) => {
                 return Err(err(
@@ -557,6 +585,19 @@ impl Config {
                 .unwrap_or(33_554_432),
             max_attempts: u32::try_from(q.integer("max_attempts", 5, 1, 20)?).unwrap_or(5),
         };
+        let envoy = Obj::new(
+            "envoy",
+            top.get("envoy").unwrap_or(&absent),
+            &["request_body"],
+        )?;
+        let envoy_body = match envoy
+            .enumeration("request_body", "skip", &["skip", "await", "stream"])?
+            .as_str()
+        {
+            "await" => EnvoyBody::Await,
+            "stream" => EnvoyBody::Stream,
+            _ => EnvoyBody::Skip,
+        };
 
         Ok(Config {
             server: Rc::new(Server {
@@ -585,6 +626,7 @@ impl Config {
             record,
             tick_ms,
             queue,
+            envoy_body,
         })
     }
 
@@ -638,12 +680,28 @@ impl Config {
                 "max_bytes": self.queue.max_bytes,
                 "max_attempts": self.queue.max_attempts,
             },
+            "envoy": { "request_body": self.envoy_body.as_str() },
         })
     }
 
     /// Whether `method` is one the filter applies to.
     pub fn applies_to(&self, method: &str) -> bool {
         self.methods.iter().any(|m| m == method)
+    }
+}
+
+/// The `:authority` of the calls when none is configured: the upstream, except an Istio
+/// cluster name (`outbound|PORT|SUBSET|HOST`), whose `|` Envoy refuses in an authority
+/// (`HeaderUtility::authorityIsValid`): its HOST then, the backend's service name.
+pub fn default_authority(upstream: &str) -> String {
+    let parts: Vec<&str> = upstream.split('|').collect();
+    match parts.as_slice() {
+        ["outbound" | "inbound", port, _subset, host]
+            if !host.is_empty() && !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            (*host).to_string()
+        }
+        _ => upstream.to_string(),
     }
 }
 
@@ -673,6 +731,19 @@ mod tests {
         assert_eq!(c.server.path_prefix, "/api/v2");
         assert_eq!(c.server.captures_path, "/api/v2/captures");
         assert_eq!(c.server.batch_path, "/api/v2/captures/batch");
+        // Istio: the authority defaults to the service behind the cluster name.
+        let istio = parse(
+            r#"{"server":{"upstream":"outbound|8080||idempotency.default.svc.cluster.local"}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            istio.server.authority,
+            "idempotency.default.svc.cluster.local"
+        );
+        assert_eq!(default_authority("outbound|8080|v1|h"), "h");
+        assert_eq!(default_authority("outbound|x||h"), "outbound|x||h");
+        assert_eq!(default_authority("backend"), "backend");
+        assert_eq!(default_authority("127.0.0.1:9000"), "127.0.0.1:9000");
         assert_eq!(c.server.timeout_ms, 2000);
         assert_eq!(c.server.token, None);
         assert_eq!(c.header, "Idempotency-Key");

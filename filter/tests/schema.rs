@@ -162,6 +162,12 @@ fn samples() -> Vec<(Value, bool)> {
         (with("queue", json!({"max_bytes": 1023})), false),
         (with("queue", json!({"max_attempts": 21})), false),
         (with("queue", json!({"size": 1})), false),
+        (with("envoy", json!({})), true),
+        (with("envoy", json!({"request_body": "await"})), true),
+        (with("envoy", json!({"request_body": "stream"})), true),
+        (with("envoy", json!({"request_body": "skip"})), true),
+        (with("envoy", json!({"request_body": "buffer"})), false),
+        (with("envoy", json!({"body": "skip"})), false),
     ]
 }
 
@@ -270,7 +276,8 @@ fn defaults_are_the_schemas() {
         "max_request_body_bytes": 1, "max_capture_bytes": 2, "store_status": ["2xx"],
         "replay_header": "", "strip_on_replay": ["date"], "on_server_error": "pass",
         "conflict": "wait", "wait_ms": 3, "record": "inline", "tick_ms": 7,
-        "queue": {"max_entries": 8, "max_bytes": 2048, "max_attempts": 2}
+        "queue": {"max_entries": 8, "max_bytes": 2048, "max_attempts": 2},
+        "envoy": {"request_body": "stream"}
     });
     assert!(Validator::new().accepts(&full));
     let mut expected = full.clone();

@@ -37,6 +37,9 @@ pub struct HostOptions {
     pub upstream: Option<SocketAddr>,
     /// envoy: cluster name → address, for `dispatch_http_call`.
     pub clusters: HashMap<String, SocketAddr>,
+    /// ngx: where a dispatch to a `name:port` the test declared goes (what Kong's resolver
+    /// and the network would make of it), e.g. a shipped configuration's backend.
+    pub names: HashMap<String, SocketAddr>,
     /// Size of the body chunks the filter sees (None: as they arrive).
     pub request_chunk_size: Option<usize>,
     pub response_chunk_size: Option<usize>,
@@ -118,6 +121,15 @@ impl HostBuilder {
     /// envoy: a cluster the filter can dispatch to.
     pub fn cluster(mut self, name: impl Into<String>, addr: SocketAddr) -> Self {
         self.opts.clusters.insert(name.into(), addr);
+        self
+    }
+
+    /// ngx: a dispatch to `upstream` (`name:port`, as a configuration gives it) reaches
+    /// `addr`, as Kong's resolver and the network would route it.
+    pub fn resolve(mut self, upstream: impl Into<String>, addr: SocketAddr) -> Self {
+        self.opts
+            .names
+            .insert(upstream.into().to_ascii_lowercase(), addr);
         self
     }
 
@@ -319,6 +331,7 @@ impl Host {
                 vm_config: Vec::new(),
                 upstream: None,
                 clusters: HashMap::new(),
+                names: HashMap::new(),
                 request_chunk_size: None,
                 response_chunk_size: None,
                 client_body_buffer_size: 8 * 1024,

@@ -923,7 +923,7 @@ fn plan_call(
                     ));
                 }
             }
-            resolve(upstream)
+            resolve(upstream, &w.opts.names)
         }
         Mode::Envoy => {
             let Some(addr) = w.opts.clusters.get(upstream).copied() else {
@@ -987,9 +987,16 @@ fn ngx_port_ok(upstream: &str) -> bool {
     }
 }
 
-/// ngx: `host:port` (no port → 80); names other than `localhost` and IP literals
-/// cannot be resolved here (no DNS), which the call reports as `resolver failure`.
-fn resolve(upstream: &str) -> std::result::Result<std::net::SocketAddr, String> {
+/// ngx: `host:port` (no port → 80); names other than `localhost`, IP literals and the ones
+/// the test declared ([`crate::HostBuilder::resolve`]) cannot be resolved here (no DNS),
+/// which the call reports as `resolver failure`.
+fn resolve(
+    upstream: &str,
+    names: &std::collections::HashMap<String, std::net::SocketAddr>,
+) -> std::result::Result<std::net::SocketAddr, String> {
+    if let Some(addr) = names.get(&upstream.to_ascii_lowercase()) {
+        return Ok(*addr);
+    }
     let (host, port) = match upstream.rsplit_once(':') {
         Some((h, p)) if !h.is_empty() && !h.ends_with(':') => match p.parse::<u16>() {
             Ok(p) => (h, p),
