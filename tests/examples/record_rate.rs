@@ -22,7 +22,7 @@
 //! drain run measures the queue alone.
 
 #[path = "../tests/filter/support.rs"]
-#[allow(unused_macros, unused_imports, dead_code)]
+#[allow(unused_macros, unused_imports)]
 mod support;
 
 use std::sync::Arc;
