@@ -52,6 +52,13 @@ pub struct HostOptions {
     pub buffer_limit: usize,
     /// envoy: `fail_open` of the plugin (after a trap the filter is skipped).
     pub fail_open: bool,
+    /// envoy: the Envoy version the mode stands for (major, minor): which properties exist,
+    /// the default failure policy. 1.36 by default; 1.32 is the oldest the filter supports.
+    pub envoy_version: (u32, u32),
+    /// envoy: `allow_on_headers_stop_iteration` of the Wasm filter (Envoy 1.35+): a Pause in
+    /// `on_http_request_headers` is a real StopIteration (body callbacks go on) instead of
+    /// StopAllIterationAndWatermark.
+    pub allow_on_headers_stop_iteration: bool,
     pub filter_name: String,
     /// envoy: `root_id` and `vm_id` of the plugin.
     pub root_id: String,
@@ -108,6 +115,14 @@ impl HostBuilder {
     setter!(client_body_buffer_size: usize);
     setter!(buffer_limit: usize);
     setter!(fail_open: bool);
+    setter!(/// envoy: `allow_on_headers_stop_iteration` of the Wasm filter (Envoy 1.35+).
+        allow_on_headers_stop_iteration: bool);
+
+    /// envoy: the Envoy version to imitate (1.32 to 1.36; 1.36 by default).
+    pub fn envoy_version(mut self, major: u32, minor: u32) -> Self {
+        self.opts.envoy_version = (major, minor);
+        self
+    }
     setter!(ngx_default_dispatch_timeout: Duration);
     setter!(/// ngx: `worker_connections` (1024 by default).
         worker_connections: usize);
@@ -338,6 +353,8 @@ impl Host {
                 response_body_buffers: (4, 4096),
                 buffer_limit: 1024 * 1024,
                 fail_open: false,
+                envoy_version: (1, 36),
+                allow_on_headers_stop_iteration: false,
                 filter_name: "filter".into(),
                 root_id: String::new(),
                 vm_id: String::new(),
