@@ -61,6 +61,9 @@ pub struct CaptureBuf {
     unstorable: bool,
     /// A body chunk could not be read from the host: the copy misses bytes the client got.
     unreadable: bool,
+    /// The gateway (or a filter after this one) answered, not the upstream: nothing the
+    /// request did, so nothing to replay.
+    not_from_upstream: bool,
 }
 
 impl CaptureBuf {
@@ -84,6 +87,7 @@ impl CaptureBuf {
             overflow,
             unstorable: false,
             unreadable: false,
+            not_from_upstream: false,
         }
     }
 
@@ -127,6 +131,12 @@ impl CaptureBuf {
         self.seen = self.seen.saturating_add(len as u64);
         self.unreadable = true;
         self.body = Vec::new();
+    }
+
+    /// The host says the gateway made this response (Envoy's `response.code_details` is not
+    /// `via_upstream`, Kong's `$upstream_status` is empty): it is released, never stored.
+    pub fn not_from_upstream(&mut self) {
+        self.not_from_upstream = true;
     }
 
     /// Counts a chunk that is not copied (the copy already overflowed).
@@ -205,6 +215,9 @@ pub enum ReleaseReason {
     Unstorable,
     /// A body chunk could not be read from the host: the copy would miss it.
     Unreadable,
+    /// The gateway answered (a 408, a 403 from RBAC, a 429 from a rate limit, a 503 on a
+    /// connect failure), not the upstream: a retry must reach the upstream.
+    NotFromUpstream,
 }
 
 impl ReleaseReason {
@@ -218,6 +231,7 @@ impl ReleaseReason {
             ReleaseReason::Incomplete => "response incomplete",
             ReleaseReason::Unstorable => "a response header is not UTF-8",
             ReleaseReason::Unreadable => "a response body chunk could not be read",
+            ReleaseReason::NotFromUpstream => "the gateway answered, not the upstream",
         }
     }
 }
@@ -231,6 +245,9 @@ pub fn at_end(capture: Option<&CaptureBuf>, complete: bool, store: &StatusSet) -
     };
     if c.status == 502 || c.status == 504 {
         return End::Release(ReleaseReason::GatewayFailure);
+    }
+    if c.not_from_upstream {
+        return End::Release(ReleaseReason::NotFromUpstream);
     }
     // A replay answers with a final response; a 1xx one (an upgrade) cannot be given twice.
     if c.status < 200 {

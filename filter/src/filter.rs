@@ -25,7 +25,7 @@ use crate::capture::{self, CaptureBuf, End};
 use crate::config::{Config, Conflict, OnServerError};
 use crate::decision::{self, Allocation, CallAnswer};
 use crate::fingerprint::Fingerprint;
-use crate::host::{self, Host};
+use crate::host::{self, BodyPlan, Host};
 use crate::key;
 use crate::metrics::Metric;
 use crate::pairs;
@@ -153,6 +153,16 @@ impl Http {
         if !std::str::from_utf8(method).is_ok_and(|m| cfg.applies_to(m)) {
             return Action::Continue;
         }
+        if get("content-type").is_some_and(|ct| {
+            ct.get(..16)
+                .is_some_and(|p| p.eq_ignore_ascii_case(b"application/grpc"))
+        }) {
+            // A gRPC answer ends in trailers (grpc-status) that a capture does not keep, and
+            // Envoy turns any local reply to a gRPC request into a trailers-only one: a replay
+            // could not be exact, so the request passes untouched.
+            count(Metric::Grpc);
+            return Action::Continue;
+        }
         let values: Vec<&[u8]> = headers
             .iter()
             .filter(|(n, _)| n.eq_ignore_ascii_case(cfg.header.as_bytes()))
@@ -225,15 +235,31 @@ impl Http {
         } else {
             !end_of_stream
         };
-        self.fingerprint = Some(Fingerprint::new(method, path, get("content-type")));
+        let content_type = get("content-type");
+        self.fingerprint = Some(Fingerprint::new(method, path, content_type));
         if !body_expected {
             return self.allocate(cfg);
         }
-        self.phase = Phase::ReadingBody;
-        if self.host.pause_headers_for_body() {
-            Action::Pause
-        } else {
-            Action::Continue
+        match host::body_plan(self.host, cfg.envoy_body) {
+            BodyPlan::FromHeaders => {
+                // Envoy would hold the body back while the headers wait for the allocation:
+                // the fingerprint stands on what the headers say of the body.
+                self.fingerprint = Some(Fingerprint::without_body(
+                    method,
+                    path,
+                    content_type,
+                    self.content_length,
+                ));
+                self.allocate(cfg)
+            }
+            BodyPlan::Read { pause_headers } => {
+                self.phase = Phase::ReadingBody;
+                if pause_headers {
+                    Action::Pause
+                } else {
+                    Action::Continue
+                }
+            }
         }
     }
 
@@ -565,11 +591,12 @@ impl HttpContext for Http {
                 let status = pairs::get(&headers, ":status")
                     .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse::<u16>().ok());
                 if let Some(status) = status {
-                    self.capture = Some(CaptureBuf::from_bytes(
-                        status,
-                        headers,
-                        cfg.max_capture_bytes,
-                    ));
+                    let mut capture =
+                        CaptureBuf::from_bytes(status, headers, cfg.max_capture_bytes);
+                    if !self.host.from_upstream() {
+                        capture.not_from_upstream();
+                    }
+                    self.capture = Some(capture);
                 }
                 // ngx_wasm_module passes end_of_stream = 1 here whatever follows: only
                 // Envoy's flag means that no body comes.

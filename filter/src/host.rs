@@ -4,9 +4,10 @@
 //! serve properties; root-context property reads are not covered by ngx_wasm_module's tests):
 //! - `get_property(["ngx", "hostname"])` answers on ngx_wasm_module (Kong): any `ngx.*` path is
 //!   an nginx variable there (`ngx_proxy_wasm_properties.c`); Envoy answers NotFound.
-//! - else `get_property(["node"])` non-empty: Envoy (and Istio) serve the bootstrap `Node`
-//!   message (`PropertyToken::NODE` in Envoy's wasm `context.cc`, available to every plugin);
-//!   ngx_wasm_module answers NotFound (`"node" property not supported`).
+//! - else `get_property(["xds", "node"])` (Envoy 1.29+) or `get_property(["node"])` (until
+//!   1.32: removed in 1.33, changelog 1.33.0, envoyproxy/envoy#36619) non-empty: Envoy (and
+//!   Istio) serve the bootstrap `Node` message; ngx_wasm_module answers NotFound (`"node"
+//!   property not supported`).
 //! - neither: an unknown host, treated with the conservative rules (no inline calls in
 //!   response phases, no pause in request headers while a body is awaited).
 
@@ -31,19 +32,33 @@ impl Host {
         }
     }
 
-    /// Whether `on_http_request_headers` must pause while the body is awaited. Envoy forwards
-    /// the headers to the upstream unless headers are paused (then the body callbacks still
-    /// come); ngx_wasm_module would not deliver the body of a request paused in its headers,
-    /// and does not contact the upstream before the filter chain is done anyway.
-    pub fn pause_headers_for_body(self) -> bool {
-        self == Host::Envoy
-    }
-
     /// Whether `end_of_stream` in `on_http_response_headers` means that no body follows. Not
     /// on ngx_wasm_module, which always passes 1 there (`NGX_HTTP_PROXY_WASM_EOF`), nor on an
     /// unknown host: the response then ends in a body callback or in `on_log`.
     pub fn response_headers_eos_means_no_body(self) -> bool {
         self == Host::Envoy
+    }
+
+    /// Whether the response being seen came from the upstream, not from the gateway itself
+    /// (Envoy's own replies, 408, 403 from RBAC, 429 from a local rate limit, 503 on a connect
+    /// failure, pass the response callbacks like an upstream's). Envoy: `response.code_details`
+    /// is `via_upstream` only for the upstream's. Kong: `$upstream_status` is empty for a
+    /// response nginx or a plugin made (after a failed connection it holds 502, a status that
+    /// is never stored anyway). Unknown host: nothing to ask, so yes. Read in
+    /// `on_http_response_headers`.
+    pub fn from_upstream(self) -> bool {
+        use proxy_wasm::hostcalls::get_property;
+        match self {
+            Host::Envoy => matches!(
+                get_property(vec!["response", "code_details"]),
+                Ok(Some(v)) if v == b"via_upstream"
+            ),
+            Host::Ngx => matches!(
+                get_property(vec!["ngx", "upstream_status"]),
+                Ok(Some(v)) if !v.is_empty()
+            ),
+            Host::Unknown => true,
+        }
     }
 
     pub fn name(self) -> &'static str {
@@ -52,6 +67,37 @@ impl Host {
             Host::Envoy => "envoy",
             Host::Unknown => "unknown",
         }
+    }
+}
+
+/// What the request headers do with a body that the fingerprint covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyPlan {
+    /// Read the body before allocating; `pause_headers`: hold the headers meanwhile.
+    Read { pause_headers: bool },
+    /// Allocate from the headers now (the fingerprint without the body bytes).
+    FromHeaders,
+}
+
+/// Kong delivers the body whole before it contacts the upstream, and would not deliver the
+/// body of a request paused in its headers: read it, headers continuing. Envoy (and an
+/// unknown host) turns a Pause in the request headers into StopAllIterationAndWatermark
+/// unless `allow_on_headers_stop_iteration` is set (Envoy 1.35+): no body callback until the
+/// resume. So `envoy.request_body` decides: `skip` allocates from the headers, `await` holds
+/// the headers for the body (needs the knob), `stream` lets the headers go upstream first.
+pub fn body_plan(host: Host, envoy: crate::config::EnvoyBody) -> BodyPlan {
+    use crate::config::EnvoyBody;
+    match (host, envoy) {
+        (Host::Ngx, _) => BodyPlan::Read {
+            pause_headers: false,
+        },
+        (_, EnvoyBody::Skip) => BodyPlan::FromHeaders,
+        (_, EnvoyBody::Await) => BodyPlan::Read {
+            pause_headers: true,
+        },
+        (_, EnvoyBody::Stream) => BodyPlan::Read {
+            pause_headers: false,
+        },
     }
 }
 
@@ -168,9 +214,32 @@ mod tests {
             "never a call in a Kong response phase"
         );
         assert!(!inline(RecordMode::Deferred, Host::Envoy));
-        assert!(Host::Envoy.pause_headers_for_body());
-        assert!(!Host::Ngx.pause_headers_for_body());
-        assert!(!Host::Unknown.pause_headers_for_body());
+        use crate::config::EnvoyBody;
+        for body in [EnvoyBody::Skip, EnvoyBody::Await, EnvoyBody::Stream] {
+            assert_eq!(
+                body_plan(Host::Ngx, body),
+                BodyPlan::Read {
+                    pause_headers: false
+                },
+                "Kong reads the body whatever the Envoy setting"
+            );
+        }
+        assert_eq!(
+            body_plan(Host::Envoy, EnvoyBody::Skip),
+            BodyPlan::FromHeaders
+        );
+        assert_eq!(
+            body_plan(Host::Envoy, EnvoyBody::Await),
+            BodyPlan::Read {
+                pause_headers: true
+            }
+        );
+        assert_eq!(
+            body_plan(Host::Unknown, EnvoyBody::Stream),
+            BodyPlan::Read {
+                pause_headers: false
+            }
+        );
         assert!(Host::Envoy.response_headers_eos_means_no_body());
         assert!(!Host::Ngx.response_headers_eos_means_no_body());
         assert!(!Host::Unknown.response_headers_eos_means_no_body());

@@ -42,10 +42,12 @@ pub enum Metric {
     RecordFailed,
     /// A record or release was dropped because the queue was full.
     QueueDropped,
+    /// A gRPC request passed untouched (its response cannot be replayed exactly).
+    Grpc,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 16] = [
+    pub const ALL: [Metric; 17] = [
         Metric::NoKey,
         Metric::Allocated,
         Metric::Replayed,
@@ -62,6 +64,7 @@ impl Metric {
         Metric::Released,
         Metric::RecordFailed,
         Metric::QueueDropped,
+        Metric::Grpc,
     ];
 
     pub fn index(self) -> usize {
@@ -86,6 +89,7 @@ impl Metric {
             Metric::Released => "idempotency_released_total",
             Metric::RecordFailed => "idempotency_record_failed_total",
             Metric::QueueDropped => "idempotency_queue_dropped_total",
+            Metric::Grpc => "idempotency_requests_grpc_passed_total",
         }
     }
 }

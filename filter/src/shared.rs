@@ -73,8 +73,10 @@ pub fn host() -> Host {
         hostcalls::get_property(vec!["ngx", "hostname"]),
         Ok(Some(_))
     );
-    let node =
-        !ngx && matches!(hostcalls::get_property(vec!["node"]), Ok(Some(v)) if !v.is_empty());
+    let has =
+        |path: Vec<&str>| matches!(hostcalls::get_property(path), Ok(Some(v)) if !v.is_empty());
+    // `xds.node` since Envoy 1.29, `node` until 1.32 (removed in 1.33).
+    let node = !ngx && (has(vec!["xds", "node"]) || has(vec!["node"]));
     let h = Host::detect(ngx, node);
     HOST.with(|c| c.set(Some(h)));
     log(LogLevel::Info, &format!("host detected: {}", h.name()));

@@ -24,7 +24,8 @@ use crate::host::HostOptions;
 use crate::observed::{Level, Observed, Source, ViolationKind};
 use crate::rules::{Mode, Phase};
 
-/// The id of the root context (one filter, one root context per instance).
+/// The id of the first root context (one filter, one root context per instance; an Envoy
+/// reconfiguration replaces it with a new one, [`World::root_id`]).
 pub const ROOT_ID: u32 = 1;
 
 /// A local response a filter asked for (`proxy_send_local_response`), applied by the
@@ -73,6 +74,12 @@ pub struct StreamData {
     pub properties: HashMap<String, Vec<u8>>,
     /// Bytes of request body the client sent (for `request.size`).
     pub request_size: u64,
+    /// Envoy `response.code_details`: `via_upstream` for the upstream's response, the reason
+    /// of a reply Envoy or a filter made.
+    pub code_details: Option<String>,
+    /// ngx `$upstream_status`: the upstream's status, 502 when it could not be reached, none
+    /// for a response nginx or a filter made.
+    pub upstream_status: Option<u16>,
 }
 
 /// The response of a dispatched call, visible during `on_http_call_response`.
@@ -91,7 +98,7 @@ pub struct CallResponse {
 #[derive(Debug)]
 pub struct DispatchRequest {
     pub token: u32,
-    /// The context that dispatched it ([`ROOT_ID`] for the root context).
+    /// The context that dispatched it ([`World::root_id`] for the root context).
     pub owner: u32,
     /// Where to connect; `Err(status)` when the call fails before connecting (ngx
     /// `resolver failure`).
@@ -138,6 +145,10 @@ pub struct World {
     pub fatal: Option<(ViolationKind, String)>,
     /// ngx: root dispatches of this callback that failed synchronously (each leaks a slot).
     pub sync_failures: u32,
+    /// The root context now (Envoy: a reconfiguration creates a new one).
+    pub root_id: u32,
+    /// What `on_configure` of the current root context reads.
+    pub plugin_config: Vec<u8>,
 }
 
 impl World {
@@ -147,6 +158,7 @@ impl World {
         slots: Arc<Slots>,
         now_ns: u64,
     ) -> World {
+        let plugin_config = opts.config.clone();
         World {
             mode: opts.mode,
             next_token: opts.mode.first_call_token(),
@@ -168,6 +180,8 @@ impl World {
             slots,
             fatal: None,
             sync_failures: 0,
+            root_id: ROOT_ID,
+            plugin_config,
         }
     }
 
@@ -313,7 +327,7 @@ impl Vm {
     ) -> CallResult<R> {
         {
             let world = self.store.data_mut();
-            world.current = ctx.unwrap_or(ROOT_ID);
+            world.current = ctx.unwrap_or(world.root_id);
             world.phase = phase;
         }
         let before = self.store.get_fuel().unwrap_or(0);
@@ -335,22 +349,29 @@ impl Vm {
     /// Err: the load fails (a trap, or false from vm start or configure).
     pub fn start_root(&mut self) -> Result<()> {
         let vm_len = self.store.data().opts.vm_config.len() as u32;
-        let cfg_len = self.store.data().opts.config.len() as u32;
+        let root = self.store.data().root_id;
         if let Some(f) = self.exports.context_create.clone() {
-            self.run(None, Phase::Other, |s| f.call(s, (ROOT_ID, 0)))
+            self.run(None, Phase::Other, |s| f.call(s, (root, 0)))
                 .map_err(|e| anyhow!("proxy_on_context_create trapped: {e}"))?;
         }
         if let Some(f) = self.exports.vm_start.clone() {
             let ok = self
-                .run(None, Phase::VmStart, |s| f.call(s, (ROOT_ID, vm_len)))
+                .run(None, Phase::VmStart, |s| f.call(s, (root, vm_len)))
                 .map_err(|e| anyhow!("on_vm_start trapped: {e}"))?;
             if ok == 0 {
                 bail!("on_vm_start returned false");
             }
         }
+        self.configure_root()
+    }
+
+    /// `proxy_on_configure` for the current root context, with its configuration.
+    fn configure_root(&mut self) -> Result<()> {
+        let root = self.store.data().root_id;
+        let cfg_len = self.store.data().plugin_config.len() as u32;
         if let Some(f) = self.exports.configure.clone() {
             let ok = self
-                .run(None, Phase::Configure, |s| f.call(s, (ROOT_ID, cfg_len)))
+                .run(None, Phase::Configure, |s| f.call(s, (root, cfg_len)))
                 .map_err(|e| anyhow!("on_configure trapped: {e}"))?;
             if ok == 0 {
                 bail!("on_configure returned false");
@@ -359,16 +380,46 @@ impl Vm {
         Ok(())
     }
 
+    /// Envoy, a reconfiguration that keeps the VM: the old root context is done and deleted
+    /// (the host cancels its calls: their answers never come), a new one with id `new_root`
+    /// is created and configured with `config`; module memory stays.
+    pub fn replace_root(&mut self, new_root: u32, config: Vec<u8>) -> Result<()> {
+        let old = self.store.data().root_id;
+        self.store.data_mut().calls.retain(|_, owner| *owner != old);
+        if let Some(f) = self.exports.done.clone() {
+            let _ = self.run(None, Phase::Done, |s| f.call(s, old));
+        }
+        if let Some(f) = self.exports.delete.clone() {
+            let _ = self.run(None, Phase::Delete, |s| f.call(s, old));
+        }
+        {
+            let world = self.store.data_mut();
+            world.root_id = new_root;
+            world.plugin_config = config;
+        }
+        if let Some(f) = self.exports.context_create.clone() {
+            self.run(None, Phase::Other, |s| f.call(s, (new_root, 0)))
+                .map_err(|e| anyhow!("proxy_on_context_create trapped: {e}"))?;
+        }
+        self.configure_root()
+    }
+
     pub fn context_create(&mut self, ctx: u32) -> CallResult<()> {
         match self.exports.context_create.clone() {
-            Some(f) => self.run(Some(ctx), Phase::Other, |s| f.call(s, (ctx, ROOT_ID))),
+            Some(f) => {
+                let root = self.store.data().root_id;
+                self.run(Some(ctx), Phase::Other, |s| f.call(s, (ctx, root)))
+            }
             None => Ok(()),
         }
     }
 
     pub fn tick(&mut self) -> CallResult<()> {
         match self.exports.tick.clone() {
-            Some(f) => self.run(None, Phase::Tick, |s| f.call(s, ROOT_ID)),
+            Some(f) => {
+                let root = self.store.data().root_id;
+                self.run(None, Phase::Tick, |s| f.call(s, root))
+            }
             None => Ok(()),
         }
     }
@@ -424,7 +475,7 @@ impl Vm {
         body: u32,
         trailers: u32,
     ) -> CallResult<()> {
-        let ctx = (owner != ROOT_ID).then_some(owner);
+        let ctx = (owner != self.store.data().root_id).then_some(owner);
         match self.exports.call_response.clone() {
             Some(f) => self.run(ctx, Phase::CallResponse, |s| {
                 f.call(s, (owner, token, headers, body, trailers))

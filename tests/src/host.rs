@@ -22,7 +22,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use crate::abi::Pairs;
 use crate::connections::Slots;
 use crate::observed::{Fuel, Level, LogLine, Metric, Observed, Violation, ViolationKind};
-use crate::rules::Mode;
+use crate::rules::{FailurePolicy, Mode};
 
 /// Everything a host is configured with. Build it with [`Host::builder`].
 #[derive(Clone, Debug)]
@@ -50,8 +50,15 @@ pub struct HostOptions {
     pub response_body_buffers: (usize, usize),
     /// envoy: `per_connection_buffer_limit_bytes` (1 MiB by default).
     pub buffer_limit: usize,
-    /// envoy: `fail_open` of the plugin (after a trap the filter is skipped).
-    pub fail_open: bool,
+    /// envoy: the plugin's `failure_policy`; `None`: the version's default (FAIL_RELOAD from
+    /// 1.33, FAIL_CLOSED before).
+    pub failure_policy: Option<FailurePolicy>,
+    /// envoy: clusters with no healthy host (or an open circuit breaker): a call to one fails
+    /// synchronously (InternalFailure, no callback).
+    pub unhealthy_clusters: HashSet<String>,
+    /// envoy: a filter after this one answers every request itself (a 403 from RBAC, a 429
+    /// from a local rate limit…): (status, `response.code_details`), instead of the upstream.
+    pub local_reply_after: Option<(u16, String)>,
     /// envoy: the Envoy version the mode stands for (major, minor): which properties exist,
     /// the default failure policy. 1.36 by default; 1.32 is the oldest the filter supports.
     pub envoy_version: (u32, u32),
@@ -114,7 +121,34 @@ impl HostBuilder {
     setter!(service_id: impl Into<String>);
     setter!(client_body_buffer_size: usize);
     setter!(buffer_limit: usize);
-    setter!(fail_open: bool);
+    /// envoy: FAIL_OPEN (`true`) or FAIL_CLOSED (`false`).
+    pub fn fail_open(mut self, open: bool) -> Self {
+        self.opts.failure_policy = Some(if open {
+            FailurePolicy::FailOpen
+        } else {
+            FailurePolicy::FailClosed
+        });
+        self
+    }
+
+    /// envoy: the plugin's `failure_policy`.
+    pub fn failure_policy(mut self, policy: FailurePolicy) -> Self {
+        self.opts.failure_policy = Some(policy);
+        self
+    }
+
+    /// envoy: the cluster has no healthy host: calls to it fail synchronously.
+    pub fn unhealthy_cluster(mut self, name: impl Into<String>) -> Self {
+        self.opts.unhealthy_clusters.insert(name.into());
+        self
+    }
+
+    /// envoy: a filter after this one answers every request with `status`, setting
+    /// `response.code_details` to `details` (e.g. `rbac_access_denied_matched_policy[none]`).
+    pub fn local_reply_after(mut self, status: u16, details: impl Into<String>) -> Self {
+        self.opts.local_reply_after = Some((status, details.into()));
+        self
+    }
     setter!(/// envoy: `allow_on_headers_stop_iteration` of the Wasm filter (Envoy 1.35+).
         allow_on_headers_stop_iteration: bool);
 
@@ -296,6 +330,11 @@ pub enum Event {
         by: Duration,
         done: oneshot::Sender<()>,
     },
+    /// envoy: a new plugin configuration for the same VM.
+    Reconfigure {
+        config: Vec<u8>,
+        done: oneshot::Sender<Result<()>>,
+    },
     Shutdown,
 }
 
@@ -331,6 +370,14 @@ pub struct Host {
     slots: Arc<Slots>,
 }
 
+impl HostOptions {
+    /// envoy: the failure policy in effect (the configured one, else the version's default).
+    pub fn failure_policy(&self) -> FailurePolicy {
+        self.failure_policy
+            .unwrap_or_else(|| FailurePolicy::default_for(self.envoy_version))
+    }
+}
+
 impl Host {
     /// A builder for a host of `mode` running the module at `module`.
     pub fn builder(mode: Mode, module: impl AsRef<Path>) -> HostBuilder {
@@ -352,7 +399,9 @@ impl Host {
                 client_body_buffer_size: 8 * 1024,
                 response_body_buffers: (4, 4096),
                 buffer_limit: 1024 * 1024,
-                fail_open: false,
+                failure_policy: None,
+                unhealthy_clusters: HashSet::new(),
+                local_reply_after: None,
                 envoy_version: (1, 36),
                 allow_on_headers_stop_iteration: false,
                 filter_name: "filter".into(),
@@ -375,6 +424,20 @@ impl Host {
     }
 
     async fn start(opts: HostOptions) -> Result<Host> {
+        if opts.mode == Mode::Envoy {
+            let (major, minor) = opts.envoy_version;
+            if !(major == 1 && (29..=36).contains(&minor)) {
+                return Err(anyhow!(
+                    "the envoy mode imitates Envoy 1.29 to 1.36 (its body handling 1.32 and later), not {major}.{minor}"
+                ));
+            }
+            if opts.allow_on_headers_stop_iteration && minor < 35 {
+                // The field is unknown to the API of older versions: the config is refused.
+                return Err(anyhow!(
+                    "Envoy {major}.{minor} rejects allow_on_headers_stop_iteration (added in 1.35)"
+                ));
+            }
+        }
         let bytes = std::fs::read(&opts.module)
             .with_context(|| format!("reading {}", opts.module.display()))?;
         let opts = Arc::new(opts);
@@ -471,6 +534,19 @@ impl Host {
         self.poster.post(Event::Advance { by, done });
         let _ = wait.await;
         *self.elapsed.lock().unwrap() += by;
+    }
+
+    /// envoy: a new configuration of the plugin that keeps the VM (an xDS update of the
+    /// filter's `configuration`): the old root context is deleted and its calls cancelled
+    /// (no answer ever reaches the filter), a new root context is created and configured;
+    /// module memory stays. Err when the new configuration is refused.
+    pub async fn reconfigure(&self, config: impl Into<Vec<u8>>) -> Result<()> {
+        let (done, wait) = oneshot::channel();
+        self.poster.post(Event::Reconfigure {
+            config: config.into(),
+            done,
+        });
+        wait.await.map_err(|_| anyhow!("the worker is gone"))?
     }
 
     /// The virtual clock, nanoseconds since the Unix epoch.

@@ -17,7 +17,7 @@ use wasmtime::{Caller, Linker};
 use wasmtime::{Result, bail};
 
 use crate::abi::{self, Pairs, status};
-use crate::contexts::{DispatchRequest, LocalResponse, ROOT_ID, World};
+use crate::contexts::{DispatchRequest, LocalResponse, World};
 use crate::observed::{Level, Metric, MetricKind, Source, ViolationKind};
 use crate::rules::{DispatchRule, Mode, Phase};
 
@@ -142,7 +142,7 @@ fn body_of(world: &mut World, buffer_type: u32) -> Option<Vec<u8>> {
         1 => world.stream().map(|s| s.response_body.clone()),
         4 => world.call.as_ref().map(|c| c.body.clone()),
         6 => Some(world.opts.vm_config.clone()),
-        7 => Some(world.opts.config.clone()),
+        7 => Some(world.plugin_config.clone()),
         _ => None,
     }
 }
@@ -224,7 +224,7 @@ pub fn link(linker: &mut Linker<World>) -> Result<()> {
         "proxy_set_tick_period_milliseconds",
         |mut c: C, period: u32| -> Result<u32> {
             let w = c.data_mut();
-            if w.current != ROOT_ID && w.mode == Mode::Ngx {
+            if w.current != w.root_id && w.mode == Mode::Ngx {
                 // ngx_proxy_wasm_hfuncs_set_tick_period: ignored outside the root.
                 return Ok(status::OK);
             }
@@ -739,7 +739,7 @@ pub fn link(linker: &mut Linker<World>) -> Result<()> {
         "proxy_set_effective_context",
         |mut c: C, id: u32| -> Result<u32> {
             let w = c.data_mut();
-            if id == ROOT_ID || w.streams.contains_key(&id) {
+            if id == w.root_id || w.streams.contains_key(&id) {
                 w.current = id;
                 Ok(status::OK)
             } else {
@@ -854,7 +854,7 @@ fn plan_call(
     let pseudo =
         |name: &str| abi::get(&headers, name).map(|v| String::from_utf8_lossy(v).into_owned());
     let (method, path, authority) = (pseudo(":method"), pseudo(":path"), pseudo(":authority"));
-    let root = w.current == ROOT_ID;
+    let root = w.current == w.root_id;
     let mut fake_connection = None;
     let target = match mode {
         Mode::Ngx => {
@@ -935,6 +935,16 @@ fn plan_call(
             };
             if method.is_none() || path.is_none() || authority.is_none() {
                 return Ok(Err(status::BAD_ARGUMENT));
+            }
+            if w.opts.unhealthy_clusters.contains(upstream) {
+                // The async client fails the request inline (no healthy host, an open circuit
+                // breaker): `httpCall` returns InternalFailure and the answer is never
+                // delivered (context.cc: `if (!http_request) … return InternalFailure`).
+                w.host_log(
+                    Level::Debug,
+                    format!("http call: no healthy upstream in cluster \"{upstream}\""),
+                );
+                return Ok(Err(status::INTERNAL_FAILURE));
             }
             Ok(addr)
         }

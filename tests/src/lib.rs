@@ -216,5 +216,5 @@ pub use host::{Host, HostBuilder, HostOptions, LoadFailure};
 pub use observed::{
     Fuel, Level, LogLine, Metric, MetricKind, RequestFuel, Source, Violation, ViolationKind,
 };
-pub use rules::{Mode, Phase};
+pub use rules::{FailurePolicy, Mode, Phase};
 pub use upstream::{Reply, Seen, Upstream};

@@ -23,7 +23,7 @@
 //! is present in Envoy and NotFound in ngx; in an HTTP context `ngx.*` variables exist
 //! only in ngx.
 
-use crate::contexts::{ROOT_ID, World};
+use crate::contexts::World;
 use crate::rules::Mode;
 
 /// The nginx variables the ngx mode knows (`ngx.<name>`), for a request.
@@ -64,6 +64,8 @@ fn ngx_variable(world: &World, ctx: u32, name: &str) -> Option<Vec<u8>> {
             .map(|v| String::from_utf8_lossy(v).into_owned())
             .unwrap_or_else(|| "000".into()),
         "upstream_addr" => s.upstream_addr.map(|a| a.to_string())?,
+        // Empty (not found) for a response nginx or a filter made itself.
+        "upstream_status" => s.upstream_status.map(|c| c.to_string())?,
         n if n.starts_with("http_") => {
             return header(&n["http_".len()..].replace('_', "-"));
         }
@@ -80,7 +82,7 @@ fn ngx_property(world: &World, ctx: Option<u32>, path: &str) -> Option<Vec<u8>> 
     let opts = &world.opts;
     match path {
         "plugin_name" => return Some(opts.filter_name.clone().into_bytes()),
-        "plugin_root_id" => return Some(ROOT_ID.to_string().into_bytes()),
+        "plugin_root_id" => return Some(world.root_id.to_string().into_bytes()),
         _ => {}
     }
     let ctx = ctx?;
@@ -152,13 +154,40 @@ fn int(v: i64) -> Option<Vec<u8>> {
     Some(v.to_le_bytes().to_vec())
 }
 
+/// Envoy renamed its xDS attributes: the `xds.*` names exist since 1.29, the old top-level
+/// ones (`node`, `route_name`, `cluster_name`, `listener_direction`, …) were removed in 1.33
+/// (changelog 1.33.0, "Remove previously deprecated xDS attributes from get_property",
+/// envoyproxy/envoy#36619). The path as the filter asked for it, or `None` when this
+/// version does not know it.
+fn envoy_xds_name(version: (u32, u32), path: &str) -> Option<&str> {
+    const OLD: &[&str] = &[
+        "node",
+        "cluster_name",
+        "cluster_metadata",
+        "listener_direction",
+        "listener_metadata",
+        "route_name",
+        "route_metadata",
+        "upstream_host_metadata",
+        "filter_chain_name",
+    ];
+    if let Some(name) = path.strip_prefix("xds.") {
+        return (version >= (1, 29) && OLD.contains(&name)).then_some(name);
+    }
+    if OLD.contains(&path) {
+        return (version < (1, 33)).then_some(path);
+    }
+    Some(path)
+}
+
 fn envoy_property(world: &World, ctx: Option<u32>, path: &str) -> Option<Vec<u8>> {
     let opts = &world.opts;
+    let path = envoy_xds_name(opts.envoy_version, path)?;
     match path {
         "plugin_name" => return Some(opts.filter_name.clone().into_bytes()),
         "plugin_root_id" => return Some(opts.root_id.clone().into_bytes()),
         "plugin_vm_id" => return Some(opts.vm_id.clone().into_bytes()),
-        "node" | "xds.node" => return Some(envoy_node(&opts.node_id)),
+        "node" => return Some(envoy_node(&opts.node_id)),
         "listener_direction" => return int(1),
         _ => {}
     }
@@ -194,8 +223,9 @@ fn envoy_property(world: &World, ctx: Option<u32>, path: &str) -> Option<Vec<u8>
             let code = crate::abi::get(&s.response_headers, ":status")?;
             int(String::from_utf8_lossy(code).parse().ok()?)
         }
-        "route_name" | "xds.route_name" => Some(opts.route_name.clone().into_bytes()),
-        "cluster_name" | "xds.cluster_name" => Some(opts.service_name.clone().into_bytes()),
+        "route_name" => Some(opts.route_name.clone().into_bytes()),
+        "cluster_name" => Some(opts.service_name.clone().into_bytes()),
+        "response.code_details" => s.code_details.clone().map(String::into_bytes),
         "upstream.address" => s.upstream_addr.map(|a| a.to_string().into_bytes()),
         "upstream.port" => int(s.upstream_addr?.port() as i64),
         p if p.starts_with("request.headers.") => header(&p["request.headers.".len()..]),
@@ -211,7 +241,7 @@ fn envoy_property(world: &World, ctx: Option<u32>, path: &str) -> Option<Vec<u8>
 /// `path` is the SDK's NUL-separated path, already split.
 pub fn get(world: &World, parts: &[String]) -> Option<Vec<u8>> {
     let path = parts.join(".");
-    let ctx = (world.current != ROOT_ID).then_some(world.current);
+    let ctx = (world.current != world.root_id).then_some(world.current);
     match world.mode {
         Mode::Ngx => {
             let value = ngx_property(world, ctx, &path);

@@ -86,6 +86,35 @@ pub enum ResponseHeadersPause {
     IgnoredWithWarning,
 }
 
+/// Envoy's `failure_policy` of a Wasm plugin (`envoy.extensions.wasm.v3.FailurePolicy`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailurePolicy {
+    /// The VM stays failed: every stream gets 503 (`wasm_fail_stream`). The default before
+    /// Envoy 1.33.
+    FailClosed,
+    /// The VM stays failed and the filter is skipped: streams go on without it.
+    FailOpen,
+    /// The VM is reloaded (after a backoff, 1 s by default): a new instance, module memory
+    /// lost, `on_vm_start`/`on_configure` again; streams meanwhile get 503. The default from
+    /// Envoy 1.33 (changelog 1.33.0).
+    FailReload,
+}
+
+impl FailurePolicy {
+    /// The default of an Envoy version.
+    pub fn default_for(version: (u32, u32)) -> FailurePolicy {
+        if version >= (1, 33) {
+            FailurePolicy::FailReload
+        } else {
+            FailurePolicy::FailClosed
+        }
+    }
+}
+
+/// How long Envoy waits before it reloads a failed VM (`ReloadConfig.backoff`: "If not
+/// specified, the default 1s base interval will be applied").
+pub const ENVOY_RELOAD_BACKOFF_NS: u64 = 1_000_000_000;
+
 /// What happens after a trap.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TrapRule {
@@ -93,9 +122,12 @@ pub enum TrapRule {
     /// step; the next request gets a fresh instance (`on_vm_start`/`on_configure` again,
     /// module globals lost).
     ResetInstance,
-    /// Envoy: the VM is marked failed for good; every stream gets a 503 local reply
-    /// (`wasm_fail_stream`) unless `fail_open`, in which case the filter is skipped.
+    /// Envoy FAIL_CLOSED / FAIL_OPEN: the VM is marked failed for good; every stream gets a
+    /// 503 local reply (`wasm_fail_stream`), or with FAIL_OPEN the filter is skipped.
     FailVm,
+    /// Envoy FAIL_RELOAD: the VM is failed, its streams get 503, and the first stream after
+    /// the backoff gets a new VM (module memory lost, as on ngx).
+    ReloadVm,
 }
 
 /// The order of the end-of-stream callbacks.
@@ -239,11 +271,25 @@ impl Mode {
         matches!(self, Mode::Envoy)
     }
 
-    pub fn trap_rule(self) -> TrapRule {
-        match self {
-            Mode::Ngx => TrapRule::ResetInstance,
-            Mode::Envoy => TrapRule::FailVm,
+    pub fn trap_rule(self, policy: FailurePolicy) -> TrapRule {
+        match (self, policy) {
+            (Mode::Ngx, _) => TrapRule::ResetInstance,
+            (Mode::Envoy, FailurePolicy::FailReload) => TrapRule::ReloadVm,
+            (Mode::Envoy, _) => TrapRule::FailVm,
         }
+    }
+
+    /// Envoy without `allow_on_headers_stop_iteration` (the only way before 1.35, and what
+    /// Istio's WasmPlugin gives): proxy-wasm-cpp-host turns a StopIteration returned from
+    /// `on_http_request_headers` into StopAllIterationAndWatermark
+    /// (`convertVmCallResultToFilterHeadersStatus`, proxy-wasm-cpp-host#143): the body is
+    /// buffered (with flow control, no 413) and no `on_http_request_body` comes until the
+    /// filter resumes. With the knob (envoyproxy/envoy#40213), body callbacks go on.
+    pub fn pause_in_request_headers_stops_body(
+        self,
+        allow_on_headers_stop_iteration: bool,
+    ) -> bool {
+        self == Mode::Envoy && !allow_on_headers_stop_iteration
     }
 
     /// ngx: a dispatch still in flight when its request ends crashes the worker

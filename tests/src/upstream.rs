@@ -113,6 +113,8 @@ impl Seen {
 struct State {
     replies: HashMap<String, Reply>,
     seen: Vec<Seen>,
+    /// The path of every request whose head arrived, whether its body did or not.
+    heads: Vec<String>,
     /// Paths whose answers wait for [`Upstream::release`].
     held: std::collections::HashSet<String>,
 }
@@ -181,6 +183,17 @@ impl Upstream {
             .count()
     }
 
+    /// Requests of a path (query ignored) whose head arrived, including those whose body
+    /// never did: what an upstream that acts on the headers alone would have executed.
+    pub fn heads(&self, path: &str) -> usize {
+        let state = self.state.lock().unwrap();
+        state
+            .heads
+            .iter()
+            .filter(|p| p.split('?').next() == Some(path))
+            .count()
+    }
+
     /// Executions with this exact request body.
     pub fn count_body(&self, body: &[u8]) -> usize {
         let state = self.state.lock().unwrap();
@@ -228,6 +241,13 @@ async fn handle(
     gate: Arc<tokio::sync::Notify>,
 ) -> Result<Response<Body>, Infallible> {
     let (parts, body) = req.into_parts();
+    state.lock().unwrap().heads.push(
+        parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_default(),
+    );
     let body = match body.collect().await {
         Ok(b) => b.to_bytes().to_vec(),
         Err(_) => return Ok(Response::new(empty())),

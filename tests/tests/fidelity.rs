@@ -241,9 +241,15 @@ async fn envoy_resume_after_pausing_headers_and_body_releases_both() {
     // The pattern of a filter that needs the whole body before deciding: Pause in the
     // headers, StopIterationAndBuffer in the body until its end, a call from the last body
     // callback, resume in the call's answer: continueDecoding sends the headers, then the
-    // buffered body with its end.
+    // buffered body with its end. It needs allow_on_headers_stop_iteration (Envoy 1.35+):
+    // without it no body callback comes while the headers are held (envoy_rules.rs).
     let env = Env::new(Mode::Envoy).await;
-    let host = env.host().await;
+    let host = env
+        .builder()
+        .allow_on_headers_stop_iteration(true)
+        .start()
+        .await
+        .unwrap();
     let r = host
         .client()
         .request("POST", "/held")

@@ -4,7 +4,7 @@ mod support;
 
 use std::time::Duration;
 
-use idempotency_tests::{Host, Level, Mode, ViolationKind, build};
+use idempotency_tests::{FailurePolicy, Host, Level, Mode, ViolationKind, build};
 use support::Env;
 
 #[tokio::test]
@@ -222,9 +222,14 @@ async fn ngx_a_trap_fails_the_other_in_flight_requests_of_the_instance() {
 }
 
 #[tokio::test]
-async fn envoy_a_trap_fails_the_vm_every_stream_gets_503() {
+async fn envoy_fail_closed_a_trap_fails_the_vm_every_stream_gets_503() {
     let env = Env::new(Mode::Envoy).await;
-    let host = env.host().await;
+    let host = env
+        .builder()
+        .failure_policy(FailurePolicy::FailClosed)
+        .start()
+        .await
+        .unwrap();
     let c = host.client();
     let r = c
         .request("GET", "/")
@@ -276,6 +281,7 @@ async fn a_trap_in_a_tick_resets_ngx_and_fails_envoy() {
         let host = env
             .builder()
             .config("tick_ms=10;tick_panic_at=2")
+            .failure_policy(FailurePolicy::FailClosed)
             .start()
             .await
             .unwrap();
@@ -293,6 +299,53 @@ async fn a_trap_in_a_tick_resets_ngx_and_fails_envoy() {
                 assert_eq!(host.instances(), 2);
             }
             Mode::Envoy => assert_eq!(r.status, 503),
+        }
+        host.finish().await;
+    }
+}
+
+#[tokio::test]
+async fn envoy_fail_reload_the_default_from_1_33_reloads_the_vm_after_a_backoff() {
+    let env = Env::new(Mode::Envoy).await;
+    // Envoy 1.33+ defaults to FAIL_RELOAD; before, to FAIL_CLOSED.
+    for (minor, reloads) in [(36, true), (33, true), (32, false)] {
+        let host = env.builder().envoy_version(1, minor).start().await.unwrap();
+        let c = host.client();
+        let counted = c
+            .request("GET", "/")
+            .header("x-fixture-global", "1")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(counted.header("x-fixture-global"), Some("1"));
+        let r = c
+            .request("GET", "/")
+            .header("x-fixture-panic-in", "request_headers")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status, 503, "1.{minor}: the stream that trapped");
+        let during = c.get("/").await.unwrap();
+        assert_eq!(during.status, 503, "1.{minor}: the VM is failed meanwhile");
+        host.advance(Duration::from_secs(1)).await;
+        let after = c
+            .request("GET", "/")
+            .header("x-fixture-global", "1")
+            .send()
+            .await
+            .unwrap();
+        if reloads {
+            assert_eq!(after.status, 200, "1.{minor}: a new VM after the backoff");
+            assert_eq!(
+                after.header("x-fixture-global"),
+                Some("1"),
+                "its memory is new"
+            );
+            assert_eq!(host.instances(), 2);
+            assert_eq!(host.logs_containing("on_configure config=").len(), 2);
+        } else {
+            assert_eq!(after.status, 503, "1.{minor}: FAIL_CLOSED, failed for good");
+            assert_eq!(host.instances(), 1);
         }
         host.finish().await;
     }

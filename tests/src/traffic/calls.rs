@@ -5,7 +5,7 @@
 //! effect in the event loop once the event is handled.
 
 use crate::connections::Slot;
-use crate::contexts::{Action, CallResponse, ROOT_ID};
+use crate::contexts::{Action, CallResponse};
 use crate::dispatch::Outcome;
 use crate::host::Event;
 use crate::observed::{Level, ViolationKind};
@@ -123,7 +123,8 @@ impl Worker {
         if let Some(fake) = fake_connection {
             // ngx bug 3: the host finalizes a root call's fake request only when no other
             // call of that root context is pending.
-            let others = vm.world().calls.values().filter(|o| **o == ROOT_ID).count();
+            let root = vm.world().root_id;
+            let others = vm.world().calls.values().filter(|o| **o == root).count();
             if others > 0 && self.mode.worker_connections_leak() {
                 fake.leak();
                 self.observed.lock().unwrap().violation(

@@ -106,8 +106,11 @@ pub struct Worker {
     module: Module,
     vm: Option<Vm>,
     generation: u64,
-    /// envoy: the VM failed (trap); it is never replaced.
+    /// envoy: the VM failed (trap); FAIL_CLOSED/FAIL_OPEN: for good; FAIL_RELOAD: until
+    /// `reload_at`.
     failed: bool,
+    /// envoy FAIL_RELOAD: when (virtual ns) the failed VM may be replaced.
+    reload_at: Option<u64>,
     observed: Arc<Mutex<Observed>>,
     poster: Poster,
     runtime: tokio::runtime::Handle,
@@ -150,6 +153,7 @@ impl Worker {
             vm: None,
             generation: 0,
             failed: false,
+            reload_at: None,
             observed,
             poster,
             runtime,
@@ -289,8 +293,25 @@ impl Worker {
         match event {
             Event::ClientRequest { down, .. } => self.hung_clients.push(down),
             Event::Advance { done, .. } => drop(done.send(())),
+            Event::Reconfigure { done, .. } => {
+                drop(done.send(Err(anyhow::anyhow!("the worker hangs"))))
+            }
             _ => {}
         }
+    }
+
+    /// envoy: the plugin gets a new configuration on the same VM (see
+    /// [`crate::Host::reconfigure`]).
+    fn reconfigure(&mut self, config: Vec<u8>) -> Result<()> {
+        if self.mode != Mode::Envoy {
+            anyhow::bail!("only the envoy mode reconfigures a plugin in place");
+        }
+        let new_root = self.next_ctx;
+        self.next_ctx += 1;
+        let vm = self.vm.as_mut().ok_or_else(|| anyhow::anyhow!("no VM"))?;
+        let replaced = vm.replace_root(new_root, config);
+        self.after_call();
+        replaced
     }
 
     fn handle(&mut self, event: Event) {
@@ -361,6 +382,9 @@ impl Worker {
             Event::Advance { by, done } => {
                 self.advance(by);
                 let _ = done.send(());
+            }
+            Event::Reconfigure { config, done } => {
+                let _ = done.send(self.reconfigure(config));
             }
             Event::Shutdown => {}
         }
@@ -439,7 +463,7 @@ impl Worker {
         let ctx = id
             .and_then(|i| self.reqs.get(&i))
             .map(|r| r.ctx)
-            .unwrap_or(ROOT_ID);
+            .unwrap_or_else(|| self.vm.as_mut().map_or(ROOT_ID, |vm| vm.world().root_id));
         self.host_log(
             Level::Error,
             ctx,
@@ -448,7 +472,7 @@ impl Worker {
         // Either way the instance's ticks stop.
         self.next_tick = None;
         self.tick_period = None;
-        match self.mode.trap_rule() {
+        match self.mode.trap_rule(self.opts.failure_policy()) {
             TrapRule::ResetInstance => {
                 self.host_log(
                     Level::Warn,
@@ -462,6 +486,15 @@ impl Worker {
                     Level::Critical,
                     ctx,
                     "wasm VM failed: every stream now fails (wasm_fail_stream)",
+                );
+            }
+            TrapRule::ReloadVm => {
+                self.failed = true;
+                self.reload_at = Some(self.now_ns + crate::rules::ENVOY_RELOAD_BACKOFF_NS);
+                self.host_log(
+                    Level::Critical,
+                    ctx,
+                    "wasm VM failed: it will be reloaded (failure_policy FAIL_RELOAD)",
                 );
             }
         }

@@ -29,8 +29,16 @@ impl Worker {
     ) {
         // The request holds the settle count until it is finished.
         self.poster.pending.inc();
-        let ngx_fresh = self.mode == Mode::Ngx && self.vm.as_ref().is_none_or(|vm| vm.trapped);
-        if ngx_fresh {
+        // ngx: a trapped instance is replaced by the next request; Envoy FAIL_RELOAD: a failed
+        // VM by the first request after the backoff.
+        let trapped = self.vm.as_ref().is_none_or(|vm| vm.trapped);
+        let fresh = match self.mode {
+            Mode::Ngx => trapped,
+            Mode::Envoy => trapped && self.reload_at.is_some_and(|at| self.now_ns >= at),
+        };
+        if fresh {
+            self.failed = false;
+            self.reload_at = None;
             self.host_log(
                 Level::Info,
                 0,
@@ -46,7 +54,8 @@ impl Worker {
         }
         let ctx = self.next_ctx;
         self.next_ctx += 1;
-        let bypass = self.failed && self.opts.fail_open;
+        let bypass =
+            self.failed && self.opts.failure_policy() == crate::rules::FailurePolicy::FailOpen;
         let generation = self.generation;
         self.reqs.insert(
             id,
@@ -198,9 +207,16 @@ impl Worker {
             ReqStage::PausedHeaders | ReqStage::PausedBody => {
                 let resumed = self.with_stream(id, |s| std::mem::take(&mut s.resume_request));
                 if resumed != Some(true) {
-                    // Envoy keeps calling the filter with body data while it holds
-                    // the headers or buffers the body (StopIterationAndBuffer).
-                    return self.mode == Mode::Envoy && self.step_request_body(id);
+                    // Envoy keeps calling the filter with body data while it buffers the body
+                    // (StopIterationAndBuffer), and while it holds the headers only with
+                    // allow_on_headers_stop_iteration: a Pause in the headers is otherwise
+                    // StopAllIterationAndWatermark, the body waits (buffered) for the resume.
+                    let r = self.reqs.get(&id).unwrap();
+                    let held = r.req_stage == ReqStage::PausedHeaders
+                        && self.mode.pause_in_request_headers_stops_body(
+                            self.opts.allow_on_headers_stop_iteration,
+                        );
+                    return self.mode == Mode::Envoy && !held && self.step_request_body(id);
                 }
                 let r = self.reqs.get_mut(&id).unwrap();
                 let was_headers = r.req_stage == ReqStage::PausedHeaders;

@@ -66,6 +66,22 @@ impl Worker {
                 }
             }
         }
+        if let (Mode::Envoy, Some((status, details))) = (self.mode, &self.opts.local_reply_after) {
+            // A filter after this one answers (RBAC, a local rate limit…): the upstream is
+            // never asked; the reply goes through this filter's response callbacks.
+            let (status, details) = (*status, details.clone());
+            self.with_stream(id, |s| s.code_details = Some(details));
+            let body = b"denied".to_vec();
+            let headers = vec![
+                ("content-type".to_string(), b"text/plain".to_vec()),
+                (
+                    "content-length".to_string(),
+                    body.len().to_string().into_bytes(),
+                ),
+            ];
+            self.synthetic_response(id, status, headers, body);
+            return;
+        }
         let Some(addr) = self.opts.upstream else {
             self.host_log(Level::Error, 0, "no upstream configured for the route");
             self.upstream_failed(id, true);
@@ -159,10 +175,24 @@ impl Worker {
                 body.len().to_string().into_bytes(),
             ),
         ];
+        // Envoy's router names why it answered (`response.code_details`); nginx keeps the
+        // failed upstream's 502 in `$upstream_status`.
+        let details = if refused {
+            "upstream_reset_before_response_started{remote_connection_failure}"
+        } else {
+            "upstream_reset_before_response_started{connection_termination}"
+        };
+        let upstream_status = (self.mode == Mode::Ngx).then_some(502);
+        self.with_stream(id, |s| {
+            s.code_details = Some(details.to_string());
+            s.upstream_status = upstream_status;
+        });
         self.synthetic_response(id, status, headers, body.as_bytes().to_vec());
     }
 
-    /// Feeds a response the host produced itself through the response phases.
+    /// Feeds a response the host produced itself through the response phases. The caller
+    /// sets what `response.code_details` (Envoy) and `$upstream_status` (ngx) say of it;
+    /// by default, neither names an upstream.
     pub(super) fn synthetic_response(
         &mut self,
         id: u64,
@@ -200,9 +230,14 @@ impl Worker {
         }
         let mut pairs: Pairs = vec![(":status".into(), status.to_string().into_bytes())];
         pairs.extend(headers);
+        let from_upstream = !r.local;
         self.with_stream(id, |s| {
             s.response_headers = pairs;
             s.response_started = true;
+            if from_upstream {
+                s.code_details = Some("via_upstream".into());
+                s.upstream_status = Some(status);
+            }
         });
         if !self.alive(id) {
             self.fail_dead(id);
@@ -563,6 +598,9 @@ impl Worker {
             let default = mode.local_response_default_content_type();
             headers.push(("content-type".into(), default.as_bytes().to_vec()));
         }
+        // Envoy: the details the filter passed (empty spaces replaced); never `via_upstream`.
+        let details = local.details.replace(' ', "_");
+        self.with_stream(id, |s| s.code_details = Some(details));
         self.synthetic_response(id, status, headers, body);
     }
 

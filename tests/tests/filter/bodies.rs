@@ -11,6 +11,7 @@ use crate::support::{E2e, detail_of, metric, problem, problem_of};
 
 async fn a_body_over_max_request_body_bytes_gets_413(mode: Mode) {
     let t = E2e::setup(mode)
+        .body_fingerprinted()
         .config(json!({"max_request_body_bytes": 1024}))
         .host(|b| b.request_chunk_size(256))
         .start()
@@ -47,7 +48,7 @@ async fn a_body_over_max_request_body_bytes_gets_413(mode: Mode) {
 }
 
 async fn chunked_bodies_are_fingerprinted_on_envoy_and_refused_411_on_kong(mode: Mode) {
-    let t = E2e::start(mode, json!({})).await;
+    let t = E2e::setup(mode).body_fingerprinted().start().await;
     t.api.reply("/events", Reply::new(201).body("stored"));
     for (key, body) in [("\"k-chunked\"", &b"{\"n\":1}"[..]), ("\"k-empty\"", b"")] {
         let r = t

@@ -10,6 +10,7 @@ mod bodies;
 mod concurrency;
 mod config;
 mod disconnect;
+mod envoy;
 mod load;
 mod problems;
 mod queue;

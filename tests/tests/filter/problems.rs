@@ -9,7 +9,7 @@ use crate::both_modes;
 use crate::support::{E2e, metric, problem, problem_of};
 
 async fn a_different_body_with_the_same_key_gets_422(mode: Mode) {
-    let t = E2e::start(mode, json!({})).await;
+    let t = E2e::setup(mode).body_fingerprinted().start().await;
     t.api.reply("/orders", Reply::new(201).body("created"));
     let first = t.send("/orders", "\"k-422\"", "{\"qty\":1}").await;
     assert_eq!(first.status, 201);

@@ -50,6 +50,7 @@ pub mod metric {
     pub const RELEASED: &str = "idempotency_released_total";
     pub const RECORD_FAILED: &str = "idempotency_record_failed_total";
     pub const QUEUE_DROPPED: &str = "idempotency_queue_dropped_total";
+    pub const GRPC_PASSED: &str = "idempotency_requests_grpc_passed_total";
 }
 
 /// The problem types, exactly as README's Problems table gives them.
@@ -175,6 +176,8 @@ pub struct Setup {
     mode: Mode,
     config: Value,
     target: Target,
+    /// envoy: the name of the backend's cluster (`server.upstream`).
+    cluster: String,
     host: Vec<Box<dyn FnOnce(HostBuilder) -> HostBuilder>>,
 }
 
@@ -190,10 +193,24 @@ impl Setup {
         self
     }
 
+    /// envoy: the backend's cluster name (`idempotency` by default), e.g. an Istio one.
+    pub fn cluster(mut self, name: &str) -> Setup {
+        self.cluster = name.to_string();
+        self
+    }
+
     /// Host options (chunk sizes, buffer sizes, …).
     pub fn host(mut self, f: impl FnOnce(HostBuilder) -> HostBuilder + 'static) -> Setup {
         self.host.push(Box::new(f));
         self
+    }
+
+    /// The request body in the fingerprint on every host: on Envoy that is
+    /// `envoy.request_body: await` with `allow_on_headers_stop_iteration` (Envoy 1.35+);
+    /// Kong always reads the body first.
+    pub fn body_fingerprinted(self) -> Setup {
+        self.config(json!({"envoy": {"request_body": "await"}}))
+            .host(|h| h.allow_on_headers_stop_iteration(true))
     }
 
     pub async fn start(self) -> E2e {
@@ -214,14 +231,14 @@ impl Setup {
         let mut config = self.config;
         let upstream = match self.mode {
             Mode::Ngx => addr.to_string(),
-            Mode::Envoy => "idempotency".to_string(),
+            Mode::Envoy => self.cluster.clone(),
         };
         merge(&mut config, json!({"server": {"upstream": upstream}}));
         let tick = Duration::from_millis(config["tick_ms"].as_u64().unwrap_or(20));
         let mut builder = Host::builder(self.mode, filter_wasm())
             .filter_name("idempotency")
             .upstream(api.addr())
-            .cluster("idempotency", addr)
+            .cluster(self.cluster.clone(), addr)
             .config(config.to_string());
         for f in self.host {
             builder = f(builder);
@@ -268,6 +285,7 @@ impl E2e {
             mode,
             config: json!({"server": {"timeout_ms": 2000}}),
             target: Target::Backend,
+            cluster: "idempotency".into(),
             host: Vec::new(),
         }
     }
