@@ -443,12 +443,14 @@ def test_kong_filter_plugin_is_on_a_route_never_a_consumer():
             assert set(owner) <= ROUTE_FIELDS
 
 
-# The settings kong.conf may use: names from Kong 3.9.x's kong.conf.default (its WASM section
-# documents wasm, wasm_filters_path and wasm_filters; DATASTORE database and
-# declarative_config; GENERAL plugins and the listeners), the same table as
-# kong/conf_loader/constants.lua's CONF_PARSERS. "Injected Nginx directives" take a prefix
-# (DYNAMIC_KEY_NAMESPACES there) and an nginx directive: the ones below are nginx's
-# (client_body_buffer_size, client_max_body_size) and ngx_wasm_module's.
+# The settings kong.conf may use, with the names Kong's configuration loader knows: Kong's
+# kong/conf_loader/constants.lua (the 3.8/3.9 source, the table kong.conf.default documents):
+# CONF_PARSERS has wasm, wasm_filters_path and wasm_filters (kong.conf.default's WASM
+# section); kong/templates/kong_defaults.lua and kong.conf.default have database,
+# declarative_config, plugins, the listeners and logs. "Injected Nginx directives" are a
+# prefix of DYNAMIC_KEY_NAMESPACES (nginx_http_, nginx_wasm_, ...) and an nginx directive: the
+# ones below are nginx's (client_body_buffer_size, client_max_body_size) and
+# ngx_wasm_module's.
 KONG_39_SETTINGS = {
     "wasm", "wasm_filters_path", "wasm_filters", "database", "declarative_config", "plugins",
     "proxy_listen", "admin_listen", "status_listen", "log_level", "proxy_access_log",
@@ -464,13 +466,23 @@ KONG_INJECTED = {
 }
 
 
-def test_kong_conf_keys_are_ones_kong_knows():
-    for key in kong_conf():
-        if key in KONG_39_SETTINGS:
-            continue
+def unknown_kong_settings(keys):
+    unknown = []
+    for key in keys:
         prefix = next((p for p in KONG_INJECTED if key.startswith(p)), None)
-        assert prefix, f"kong.conf: {key} is not a Kong 3.9 setting"
-        assert key[len(prefix):] in KONG_INJECTED[prefix], f"kong.conf: {key}: no such directive"
+        known = key in KONG_39_SETTINGS or (prefix and key[len(prefix):] in KONG_INJECTED[prefix])
+        if not known:
+            unknown.append(key)
+    return unknown
+
+
+def test_kong_conf_keys_are_ones_kong_knows():
+    assert unknown_kong_settings(kong_conf()) == []
+
+
+def test_the_kong_conf_check_refuses_a_misspelt_setting():
+    keys = list(kong_conf()) + ["wasm_filter_path", "nginx_http_client_body_buffer"]
+    assert unknown_kong_settings(keys) == ["wasm_filter_path", "nginx_http_client_body_buffer"]
 
 
 def test_kong_conf_sets_what_the_filter_needs():
