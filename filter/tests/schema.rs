@@ -295,7 +295,7 @@ fn defaults_are_the_schemas() {
 
 #[test]
 fn kong_meta_json_carries_the_schema() {
-    let meta = read_json("filter/idempotency.meta.json");
+    let meta = read_json("kong/idempotency.meta.json");
     assert_eq!(meta, json!({"config_schema": schema()}));
 }
 
