@@ -46,6 +46,11 @@
 //!
 //! ## Per-mode rules
 //!
+//! ngx stands for ngx_wasm_module as Kong 3.4–3.9 embeds it; envoy for Envoy 1.32 to 1.36
+//! (`HostOptions::envoy_version`, 1.36 by default; 1.29–1.31 only for the properties: their
+//! body handling, `get_http_request_body` missing the current chunk before
+//! envoyproxy/envoy#36411, is not modelled), as Istio 1.24+ runs it.
+//!
 //! | rule | ngx (Kong) | envoy | source |
 //! | --- | --- | --- | --- |
 //! | `dispatch_http_call` | request headers, request body, call response, tick; elsewhere traps (`dispatch failed: bad step`) | every phase | HOSTS.md (observed); ngx_http_proxy_wasm_dispatch.c |
@@ -57,11 +62,14 @@
 //! | root dispatch inside the root's `on_http_call_response` after a complete answer (bug 1) | the worker crashes: every request in flight on it ends as a dead worker's client sees it (connection closed, no response or a cut one), the instance and its memory are gone, a new worker starts at once (vm start, configure, ticks, all its connections); fatal violation | allowed | HOSTS.md, "Three bugs of ngx_wasm_module" (observed with a debugger) |
 //! | HTTP-context dispatch with a body from `on_http_call_response` after an answer with an empty body, to a call that had one (bug 2) | the worker spins for ever: every request on it, and every later one, hangs until its client gives up; fatal violation | allowed | HOSTS.md, same section (observed) |
 //! | `worker_connections` (bug 3) | every client connection, upstream exchange and call takes a slot while it lasts, a root call two (its fake connection too); a root call that completes while another of the root context is pending, and a root dispatch that fails synchronously (an error status there, where an HTTP context traps), lose one for good (violation); none left: a new connection is closed at once, an upstream is a 500, a call fails (`broken connection`), a root dispatch returns an error | no budget | HOSTS.md, same section (observed); [`connections`] |
-//! | trap (any host error or Rust panic) | instance discarded; its client gets 500; other in-flight requests of it fail (500, or a broken response) at their next step, without callbacks; the next request gets a new instance (`on_vm_start`/`on_configure` again, globals lost) | VM failed for good: this and every stream get 503 (`wasm_fail_stream`), or pass without the filter when `fail_open` | HOSTS.md; ngx_proxy_wasm.c (`instance->trapped` → `ERR_INSTANCE_TRAPPED`); proxy-wasm-cpp-host `CHECK_FAIL_HTTP` / Envoy `failStream` |
+//! | trap (any host error or Rust panic) | instance discarded; its client gets 500; other in-flight requests of it fail (500, or a broken response) at their next step, without callbacks; the next request gets a new instance (`on_vm_start`/`on_configure` again, globals lost) | per `failure_policy`: FAIL_RELOAD (the default from 1.33): this stream and those until the reload (1 s backoff) get 503, then a new VM (memory lost); FAIL_CLOSED (the default before 1.33): 503 for every stream for good (`wasm_fail_stream`); FAIL_OPEN: streams pass without the filter | HOSTS.md; ngx_proxy_wasm.c (`instance->trapped` → `ERR_INSTANCE_TRAPPED`); proxy-wasm-cpp-host `CHECK_FAIL_HTTP` / Envoy `failStream`; Envoy changelog 1.33.0, `ReloadConfig.backoff` (1 s default) |
+//! | `dispatch_http_call` that cannot be sent | see the dispatch rows | a cluster without healthy host or with an open circuit breaker (`HostBuilder::unhealthy_cluster`): InternalFailure at once, no answer ever | context.cc `httpCall` (`if (!http_request) … InternalFailure`) |
+//! | reconfiguration on the same VM (`Host::reconfigure`) | – | the old root context is done and deleted, its calls cancelled (no answer), a new root context (new id) created and configured; module memory stays | Envoy `~Context` cancels `http_request_`; plugin reload keeps a VM with the same vm_id and code |
+//! | who answered (`response.code_details`; ngx `$upstream_status`) | `ngx.upstream_status`: the upstream's status, 502 when it could not be reached, none for nginx's or a filter's own response | `via_upstream` for the upstream's response; the router's reason (`upstream_reset_before_response_started{…}`), a filter's local reply details, or what a filter after this one set (`HostBuilder::local_reply_after`: a 403 from RBAC, a 429…) | nginx `$upstream_status`; Envoy stream info `responseCodeDetails` |
 //! | header callbacks' end_of_stream | 1 for request and response headers, whatever follows | true when nothing follows | ngx_http_proxy_wasm.c (`NGX_HTTP_PROXY_WASM_EOF`); Envoy context.cc `decodeHeaders`/`encodeHeaders` |
 //! | request body | whole, once, end_of_stream true, and only when non-empty (an empty or `Content-Length: 0` body, an empty chunked one: no call); past `client_body_buffer_size` (8k) the call carries the size but the bytes cannot be read (error logged) while the upstream gets them all | chunks as they come (the test chooses the size), an empty chunked body is one empty call with end_of_stream; Pause = StopIterationAndBuffer, past `buffer_limit` (1 MiB) → 413 | HOSTS.md; ngx_http_proxy_wasm.c `on_request_body_handler` (`if (len)`); ngx_proxy_wasm_host.c `get_buffer` |
 //! | when the upstream is asked | after the body was read | as soon as the request headers continue, body streamed as released | nginx proxy_request_buffering; Envoy router |
-//! | Pause in request headers | until `resume_http_request` | same; body still reaches the filter meanwhile | HOSTS.md; Envoy filter manager |
+//! | Pause in request headers | until `resume_http_request` | until resume; the body waits too (buffered, flow-controlled, no 413): proxy-wasm-cpp-host makes it StopAllIterationAndWatermark; with `allow_on_headers_stop_iteration` (1.35+; refused by older versions) a real StopIteration, the body reaching the filter meanwhile | HOSTS.md; proxy-wasm-cpp-host#143 (`convertVmCallResultToFilterHeadersStatus`), envoyproxy/envoy#40213, context.cc (`DefaultAllowOnHeadersStopIteration = false`) |
 //! | Pause in response headers | ignored, warning logged | stops until `resume_http_response` | HOSTS.md |
 //! | resume in response phases | does nothing | resumes | HOSTS.md |
 //! | Pause in response body | buffering up to `wasm_response_body_buffers` (4 × 4k); on overflow the buffer goes out and buffering stops | StopIterationAndBuffer up to `buffer_limit`; past it 500 if the headers are not sent, else reset | HOSTS.md |
@@ -150,19 +158,22 @@
 //!   line "property not supported"), `plugin_vm_id` (NYI).
 //!
 //! envoy (Envoy attributes and Wasm properties), strings raw, integers 8-byte LE int64:
-//! * any context: `plugin_name`, `plugin_root_id`, `plugin_vm_id`, `node` / `xds.node`
-//!   (serialized `Node` proto), `listener_direction`;
+//! * any context: `plugin_name`, `plugin_root_id`, `plugin_vm_id`, `xds.node` (1.29+) and
+//!   `node` (until 1.32: the old top-level xDS names, `node`, `route_name`, `cluster_name`,
+//!   `listener_direction`…, were removed in 1.33, changelog 1.33.0 / envoyproxy/envoy#36619)
+//!   (serialized `Node` proto), `listener_direction` / `xds.listener_direction`;
 //! * HTTP context: `request.path`, `request.url_path`, `request.host` (`:authority`),
 //!   `request.scheme`, `request.method`, `request.headers.<name>`, `request.referer`,
 //!   `request.useragent`, `request.id`, `request.protocol`, `request.query`,
 //!   `request.size` (int), `source.address` (`ip:port`), `source.port` (int),
 //!   `destination.address`, `destination.port`, `connection.id` (int), `response.code`
-//!   (int), `response.headers.<name>`, `route_name` / `xds.route_name` (the route
-//!   name), `cluster_name` / `xds.cluster_name` (the service), `upstream.address`,
+//!   (int), `response.code_details`, `response.headers.<name>`, `xds.route_name` (the
+//!   route name), `xds.cluster_name` (the service), `upstream.address`,
 //!   `upstream.port`, and anything set with `proxy_set_property`.
 //!
-//! **Telling the hosts apart at start** (root context, `on_configure`): `node` is
-//! present in Envoy and NotFound in ngx. In an HTTP context, `ngx.*` exists only in ngx.
+//! **Telling the hosts apart at start** (root context, `on_configure`): `xds.node` is
+//! present in Envoy (1.29+) and NotFound in ngx. In an HTTP context, `ngx.*` exists only in
+//! ngx.
 //!
 //! Header maps: request headers start with `:path`, `:method`, `:scheme`, `:authority`
 //! (ngx: `server_name:port`, the Host header stays; envoy: the Host header becomes
