@@ -14,7 +14,7 @@
 //! | [`api`] | every route, the handlers, the body extractor, the bearer-token check |
 //! | [`error`] | the one error type, rendered as RFC 9457 problem+json with the old `error` member |
 //! | [`store`] | the [`Store`] trait, the outcomes, and the pure per-key state machine |
-//! | [`store::embedded`] | redb in the data dir, one writer thread with group commit, the dir lock |
+//! | [`store::embedded`] | redb in the data dir, one writer thread with group commit through a journal, the dir lock |
 //! | [`store::redis`] | Redis or Redis Cluster: one hash per key, one Lua script per operation |
 //! | [`store::mongodb`] | MongoDB: one document per key, one atomic command per operation |
 //! | [`wait`] | `wait_ms`: per-key notifications in this process plus polling with backoff |

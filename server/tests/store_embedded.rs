@@ -8,9 +8,10 @@ mod conformance;
 use std::sync::Arc;
 use std::time::Duration;
 
-use idempotency_server::store::embedded::{DB_FILE, OpenError};
+use idempotency_server::store::embedded::{DB_FILE, JOURNAL_FILE, OpenError};
 use idempotency_server::store::{
-    Allocate, AllocateOutcome, Record, RecordOutcome, Store, StoreError, now_ms,
+    Allocate, AllocateOutcome, Record, RecordOutcome, Release, ReleaseOutcome, Store, StoreError,
+    now_ms,
 };
 use idempotency_server::{EmbeddedOptions, EmbeddedStore};
 
@@ -72,6 +73,74 @@ async fn everything_acknowledged_survives_a_reopen() {
     assert!(matches!(
         store.allocate(alloc("held", HOUR)).await.unwrap(),
         AllocateOutcome::InFlight { .. }
+    ));
+    store.shutdown().await.unwrap();
+}
+
+/// The files as a crash would leave them, while `store` runs: what the kernel holds for them
+/// (redb keeps its unsynced pages in its own memory until a checkpoint writes them).
+fn crash_copy(from: &std::path::Path) -> tempfile::TempDir {
+    let to = tempfile::tempdir().unwrap();
+    for file in [DB_FILE, JOURNAL_FILE] {
+        std::fs::copy(from.join(file), to.path().join(file)).unwrap();
+    }
+    to
+}
+
+#[tokio::test]
+async fn what_only_the_journal_holds_survives_a_crash_and_the_next_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = EmbeddedOptions::new(dir.path());
+    // No checkpoint while the test runs: every answer is durable through the journal alone.
+    options.checkpoint_interval = HOUR;
+    let open = |options: EmbeddedOptions| async move {
+        tokio::task::spawn_blocking(move || EmbeddedStore::open(options))
+            .await
+            .unwrap()
+            .unwrap()
+    };
+    let store = open(options.clone()).await;
+    let token = lease(&store, "done", HOUR).await;
+    store.record(rec("done", &token, HOUR)).await.unwrap();
+    lease(&store, "held", HOUR).await;
+    let token = lease(&store, "gone", HOUR).await;
+    let release = Release {
+        key: "gone".into(),
+        lease_token: Some(token),
+    };
+    assert_eq!(
+        store.release(release).await.unwrap(),
+        ReleaseOutcome::Released
+    );
+    assert_eq!(store.stats().checkpoints, 0);
+    let crashed = crash_copy(dir.path());
+    store.shutdown().await.unwrap();
+
+    // Reopened after the crash, then more work, then another crash.
+    options.data_dir = crashed.path().to_owned();
+    let store = open(options.clone()).await;
+    lease(&store, "later", HOUR).await;
+    let crashed_again = crash_copy(crashed.path());
+    store.shutdown().await.unwrap();
+
+    options.data_dir = crashed_again.path().to_owned();
+    let store = open(options).await;
+    assert_eq!(
+        store.allocate(alloc("done", HOUR)).await.unwrap(),
+        AllocateOutcome::Completed(conformance::capture("done"))
+    );
+    for key in ["held", "later"] {
+        assert!(
+            matches!(
+                store.allocate(alloc(key, HOUR)).await.unwrap(),
+                AllocateOutcome::InFlight { .. }
+            ),
+            "{key}"
+        );
+    }
+    assert!(matches!(
+        store.allocate(alloc("gone", HOUR)).await.unwrap(),
+        AllocateOutcome::Allocated { .. }
     ));
     store.shutdown().await.unwrap();
 }

@@ -48,7 +48,14 @@ pub fn new_lease_token() -> String {
     // The OS random source failing is not something a request can recover from; falling back to
     // a predictable token would silently weaken the lease, so fail loudly.
     getrandom::fill(&mut bytes).expect("the OS random number generator failed");
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    // One allocation (every allocation of a key makes a token: no string per byte).
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut token = String::with_capacity(32);
+    for b in bytes {
+        token.push(char::from(HEX[usize::from(b >> 4)]));
+        token.push(char::from(HEX[usize::from(b & 15)]));
+    }
+    token
 }
 
 /// The API's request to allocate a key.

@@ -1,0 +1,408 @@
+//! The filter in the test host (`idempotency-tests`, through its public API only), against a
+//! no-op proxy-wasm filter (`tests/noop`) in the same host: what a request costs in Wasm
+//! instructions (fuel), in memory while it is in flight, and in latency on the whole path
+//! (filter, allocation in the real backend, upstream, record), per host mode.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use idempotency_tests::{Host, Mode, Reply, Upstream, build};
+use serde_json::json;
+
+use crate::median;
+
+pub const TICK: Duration = Duration::from_millis(20);
+
+pub struct Wasm {
+    pub filter: PathBuf,
+    pub noop: PathBuf,
+}
+
+pub fn wasm() -> Wasm {
+    Wasm {
+        filter: build::wasm("idempotency"),
+        noop: build::wasm("noop-filter"),
+    }
+}
+
+/// One host running `module` in `mode`, in front of `api`, calling `backend`.
+async fn host(
+    mode: Mode,
+    module: &PathBuf,
+    api: &Upstream,
+    backend: SocketAddr,
+) -> anyhow::Result<Host> {
+    let upstream = match mode {
+        Mode::Ngx => backend.to_string(),
+        Mode::Envoy => "idempotency".into(),
+    };
+    let config = json!({
+        "server": { "upstream": upstream },
+        "max_request_body_bytes": 1 << 20,
+        "tick_ms": TICK.as_millis() as u64,
+    });
+    Host::builder(mode, module)
+        .filter_name("idempotency")
+        .upstream(api.addr())
+        .cluster("idempotency", backend)
+        // Kong: a body buffer as large as the bodies (README: nginx_http_client_body_buffer_size).
+        .client_body_buffer_size(1 << 20)
+        .config(config.to_string())
+        .start()
+        .await
+}
+
+async fn send(host: &Host, key: Option<&str>, body: &[u8]) -> anyhow::Result<u16> {
+    let mut request = host
+        .client()
+        .request("POST", "/orders")
+        .header("content-type", "application/octet-stream");
+    if let Some(key) = key {
+        request = request.header("idempotency-key", format!("\"{key}\""));
+    }
+    Ok(request.body(body.to_vec()).send().await?.status)
+}
+
+fn last_fuel(host: &Host) -> u64 {
+    host.fuel().requests.last().map_or(0, |r| r.fuel)
+}
+
+/// Waits (polling, with a deadline) until the upstream has seen `n` requests.
+async fn upstream_count(api: &Upstream, n: usize) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while api.count("/orders") < n {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the upstream saw {} of {n}",
+            api.count("/orders")
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    Ok(())
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FuelRow {
+    pub mode: &'static str,
+    pub size: usize,
+    pub floor: u64,
+    pub no_key: u64,
+    pub first: u64,
+    pub replay: u64,
+    pub conflict: u64,
+}
+
+/// Fuel per request for bodies (request and response) of `size` bytes.
+pub async fn fuel(
+    mode: Mode,
+    size: usize,
+    wasm: &Wasm,
+    backend: SocketAddr,
+) -> anyhow::Result<FuelRow> {
+    let body: Vec<u8> = (0..size).map(|i| b'a' + (i % 26) as u8).collect();
+    let api = Upstream::start().await;
+    api.reply(
+        "/orders",
+        Reply::new(201)
+            .header("content-type", "application/octet-stream")
+            .header("set-cookie", "a=1")
+            .header("set-cookie", "b=2")
+            .body(body.clone()),
+    );
+    // The floor: the same keyed request through the no-op filter.
+    let noop = host(mode, &wasm.noop, &api, backend).await?;
+    anyhow::ensure!(send(&noop, Some("floor"), &body).await? == 201);
+    noop.settle().await;
+    let floor = last_fuel(&noop);
+    noop.finish().await;
+
+    let t = host(mode, &wasm.filter, &api, backend).await?;
+    let tag = format!("fuel-{}-{size}-{}", mode.name(), std::process::id());
+    anyhow::ensure!(send(&t, None, &body).await? == 201);
+    t.settle().await;
+    let no_key = last_fuel(&t);
+    // First: allocate, copy, record (Kong: from the tick, in the root context).
+    let first_key = format!("{tag}-1");
+    anyhow::ensure!(send(&t, Some(&first_key), &body).await? == 201);
+    t.settle().await;
+    let http = last_fuel(&t);
+    let root = t.fuel().root;
+    t.advance(TICK).await;
+    t.settle().await;
+    let first = http + (t.fuel().root - root);
+    anyhow::ensure!(send(&t, Some(&first_key), &body).await? == 201, "replay");
+    t.settle().await;
+    let replay = last_fuel(&t);
+    // Conflict: a duplicate while the first is held in the upstream.
+    let seen = api.count("/orders");
+    api.hold("/orders");
+    let held = {
+        let client = t.client();
+        let key = format!("\"{tag}-2\"");
+        let body = body.clone();
+        tokio::spawn(async move {
+            client
+                .request("POST", "/orders")
+                .header("content-type", "application/octet-stream")
+                .header("idempotency-key", key)
+                .body(body)
+                .send()
+                .await
+        })
+    };
+    upstream_count(&api, seen + 1).await?;
+    let status = send(&t, Some(&format!("{tag}-2")), &body).await?;
+    anyhow::ensure!(status == 409, "conflict: {status}");
+    let conflict = last_fuel(&t);
+    api.release("/orders");
+    held.await??;
+    t.advance(TICK).await;
+    t.finish().await;
+    Ok(FuelRow {
+        mode: mode.name(),
+        size,
+        floor,
+        no_key,
+        first,
+        replay,
+        conflict,
+    })
+}
+
+/// The resident memory of this process.
+fn rss() -> anyhow::Result<u64> {
+    crate::backend::rss(std::process::id())
+}
+
+/// Memory per request in flight (held in the upstream, after its allocation), in bytes:
+/// how much this process's RSS grows with `n` such requests through `module` (the host's own
+/// share, connections and tasks, is the same for the no-op filter and subtracted by the
+/// caller).
+async fn in_flight_rss(
+    mode: Mode,
+    module: &PathBuf,
+    backend: SocketAddr,
+    n: usize,
+) -> anyhow::Result<f64> {
+    let api = Upstream::start().await;
+    api.reply("/orders", Reply::new(201).body(vec![b'r'; 1024]));
+    let h = host(mode, module, &api, backend).await?;
+    let body = vec![b'q'; 1024];
+    let tag = format!(
+        "mem-{}-{}-{}",
+        mode.name(),
+        std::process::id(),
+        Instant::now().elapsed().as_nanos()
+    );
+    // Warm: one request through, so that lazily made state exists before the measurement.
+    send(&h, Some(&format!("{tag}-warm")), &body).await?;
+    h.advance(TICK).await;
+    h.settle().await;
+    let before = rss()?;
+    api.hold("/orders");
+    let mut clients = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let request = h
+            .client()
+            .request("POST", "/orders")
+            .header("content-type", "application/octet-stream")
+            .header("idempotency-key", format!("\"{tag}-{i}\""))
+            .body(body.clone());
+        clients.spawn(async move { request.send().await });
+    }
+    upstream_count(&api, n + 1).await?;
+    let during = rss()?;
+    api.release("/orders");
+    while let Some(done) = clients.join_next().await {
+        done??;
+    }
+    h.advance(TICK).await;
+    h.finish().await;
+    Ok(during.saturating_sub(before) as f64 / n as f64)
+}
+
+/// Requests held in flight for the memory figure.
+pub const IN_FLIGHT: usize = 512;
+
+pub struct Memory {
+    pub mode: &'static str,
+    pub filter: f64,
+    pub noop: f64,
+}
+
+pub async fn memory(
+    mode: Mode,
+    wasm: &Wasm,
+    backend: SocketAddr,
+    runs: usize,
+) -> anyhow::Result<Memory> {
+    // One round first that is not counted: the process's own pools (the allocator's arenas,
+    // tokio's) grow once and are reused after, while each host's Wasm memory is new.
+    in_flight_rss(mode, &wasm.filter, backend, IN_FLIGHT).await?;
+    let (mut filter, mut noop) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        noop.push(in_flight_rss(mode, &wasm.noop, backend, IN_FLIGHT).await?);
+        filter.push(in_flight_rss(mode, &wasm.filter, backend, IN_FLIGHT).await?);
+    }
+    Ok(Memory {
+        mode: mode.name(),
+        filter: median(filter),
+        noop: median(noop),
+    })
+}
+
+/// Percentile `p` (0..100) of sorted latencies, in microseconds.
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[i.min(sorted.len() - 1)].as_secs_f64() * 1e6
+}
+
+/// Keeps the host's virtual clock moving with real time (the deferred queue is sent from the
+/// tick), until stopped.
+struct Clock(tokio::task::JoinHandle<()>);
+
+impl Clock {
+    fn start(host: Arc<Host>) -> Clock {
+        Clock(tokio::spawn(async move {
+            let mut every = tokio::time::interval(TICK);
+            loop {
+                every.tick().await;
+                host.advance(TICK).await;
+            }
+        }))
+    }
+
+    async fn stop(self) {
+        self.0.abort();
+        let _ = self.0.await;
+    }
+}
+
+const LATENCY_BODY: &[u8] =
+    br#"{"order":{"sku":"A-1234","quantity":2,"note":"leave at the door"}}"#;
+
+/// The most requests per second the host serves through `module`, `concurrency` clients in a
+/// closed loop for `seconds`.
+async fn max_load(
+    host: &Arc<Host>,
+    tag: &str,
+    concurrency: usize,
+    seconds: f64,
+) -> anyhow::Result<f64> {
+    let until = Instant::now() + Duration::from_secs_f64(seconds);
+    let started = Instant::now();
+    let mut clients = tokio::task::JoinSet::new();
+    for c in 0..concurrency {
+        let host = host.clone();
+        let tag = tag.to_owned();
+        clients.spawn(async move {
+            let mut n = 0u64;
+            while Instant::now() < until {
+                let status = send(&host, Some(&format!("{tag}-{c}-{n}")), LATENCY_BODY).await?;
+                anyhow::ensure!(status == 201, "status {status}");
+                n += 1;
+            }
+            anyhow::Ok(n)
+        });
+    }
+    let mut total = 0;
+    while let Some(done) = clients.join_next().await {
+        total += done??;
+    }
+    Ok(total as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Latencies at a fixed rate (an open loop: each request is sent on its schedule whatever the
+/// others do, and its latency counts from its scheduled time).
+async fn at_rate(
+    host: &Arc<Host>,
+    tag: &str,
+    rate: f64,
+    seconds: f64,
+) -> anyhow::Result<(f64, f64)> {
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let count = (rate * seconds) as u64;
+    let start = tokio::time::Instant::now();
+    let mut clients = tokio::task::JoinSet::new();
+    for n in 0..count {
+        let due = start + interval * n as u32;
+        tokio::time::sleep_until(due).await;
+        let host = host.clone();
+        let key = format!("{tag}-{n}");
+        clients.spawn(async move {
+            let status = send(&host, Some(&key), LATENCY_BODY).await?;
+            anyhow::ensure!(status == 201, "status {status}");
+            anyhow::Ok(due.elapsed())
+        });
+    }
+    let mut latencies = Vec::new();
+    while let Some(done) = clients.join_next().await {
+        latencies.push(done??);
+    }
+    latencies.sort();
+    Ok((percentile(&latencies, 50.0), percentile(&latencies, 99.0)))
+}
+
+pub struct Latency {
+    pub mode: &'static str,
+    pub max_rps: f64,
+    pub rate: f64,
+    pub filter: (f64, f64),
+    pub noop: (f64, f64),
+}
+
+/// The whole path at half of the filter's maximum load, filter against no-op, alternating,
+/// medians of `runs`.
+pub async fn latency(
+    mode: Mode,
+    wasm: &Wasm,
+    backend: SocketAddr,
+    runs: usize,
+    seconds: f64,
+) -> anyhow::Result<Latency> {
+    let api = Upstream::start().await;
+    api.reply(
+        "/orders",
+        Reply::new(201)
+            .header("content-type", "application/json")
+            .body(r#"{"id":42,"status":"accepted"}"#),
+    );
+    let filter = Arc::new(host(mode, &wasm.filter, &api, backend).await?);
+    let noop = Arc::new(host(mode, &wasm.noop, &api, backend).await?);
+    let clocks = [Clock::start(filter.clone()), Clock::start(noop.clone())];
+    let tag = format!("lat-{}-{}", mode.name(), std::process::id());
+    let max_rps = max_load(&filter, &format!("{tag}-max"), 16, seconds).await?;
+    let rate = max_rps / 2.0;
+    let (mut f50, mut f99, mut n50, mut n99) = (vec![], vec![], vec![], vec![]);
+    for run in 0..runs {
+        let (p50, p99) = at_rate(&noop, &format!("{tag}-n{run}"), rate, seconds).await?;
+        n50.push(p50);
+        n99.push(p99);
+        let (p50, p99) = at_rate(&filter, &format!("{tag}-f{run}"), rate, seconds).await?;
+        f50.push(p50);
+        f99.push(p99);
+    }
+    for clock in clocks {
+        clock.stop().await;
+    }
+    for h in [filter, noop] {
+        let h = Arc::try_unwrap(h)
+            .ok()
+            .context("a clock still holds the host")?;
+        h.settle().await;
+        h.finish().await;
+    }
+    Ok(Latency {
+        mode: mode.name(),
+        max_rps,
+        rate,
+        filter: (median(f50), median(f99)),
+        noop: (median(n50), median(n99)),
+    })
+}

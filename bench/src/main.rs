@@ -1,0 +1,191 @@
+//! The performance suite (README, Performance): every figure against a bare baseline measured
+//! in the same run, medians of several runs, written to `BENCHMARKS.md` with a PNG plot.
+//!
+//! ```sh
+//! scripts/bench            # installs what is missing, builds, runs everything (~12 min)
+//! ```
+//!
+//! Parts, in order: the backend under wrk against bare axum (embedded store, Redis with
+//! `appendfsync always` and `everysec`); the disk and memory of 100,000 stored captures; the
+//! embedded store alone as concurrency grows, against the disk's raw sync rate; the filter in
+//! the test host against a no-op filter (fuel, memory per request in flight, whole-path
+//! latency). Bounded: every run has a fixed duration or count, and everything talks to
+//! loopback only.
+
+mod backend;
+mod baseline;
+mod filter;
+mod report;
+mod store;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+use idempotency_tests::Mode;
+
+#[derive(Parser)]
+enum Cmd {
+    /// Run the suite and write the report.
+    Run(Args),
+    /// The bare baseline server (started by `run`): answers the three files' bytes.
+    Baseline {
+        #[arg(long)]
+        listen: SocketAddr,
+        allocated: PathBuf,
+        recorded: PathBuf,
+        replay: PathBuf,
+    },
+}
+
+#[derive(Parser, Clone)]
+pub struct Args {
+    /// Runs of each measurement (the report gives their medians).
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Seconds of each wrk run.
+    #[arg(long, default_value_t = 3)]
+    seconds: u64,
+    /// Connections of each wrk run.
+    #[arg(long, default_value_t = 32)]
+    connections: usize,
+    /// Captures stored for the disk figure.
+    #[arg(long, default_value_t = 100_000)]
+    captures: usize,
+    /// Where the report goes (the plot goes next to it, `<stem>-store.png`).
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    out: PathBuf,
+    /// The command line the report names.
+    #[arg(long, default_value = "scripts/bench")]
+    command: String,
+    /// The font of the plot's labels (Debian's fonts-dejavu-core).
+    #[arg(
+        long,
+        default_value = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
+    )]
+    font: PathBuf,
+    /// Where data dirs and Redis files go (the disk under test).
+    #[arg(long, default_value_os_t = std::env::temp_dir())]
+    dir: PathBuf,
+}
+
+/// One backend figure: the medians of a server's runs in one scenario and load.
+pub struct Figure {
+    pub scenario: backend::Scenario,
+    pub load: &'static str,
+    pub server: &'static str,
+    pub run: backend::Run,
+}
+
+pub fn median(mut values: Vec<f64>) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    if values.len() % 2 == 1 {
+        values[mid]
+    } else {
+        (values[mid - 1] + values[mid]) / 2.0
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cmd::parse() {
+        Cmd::Baseline {
+            listen,
+            allocated,
+            recorded,
+            replay,
+        } => baseline::run(listen, [allocated, recorded, replay]),
+        Cmd::Run(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(run(args)),
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let font: &'static [u8] = Box::leak(
+        std::fs::read(&args.font)
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "{}: {e} (apt-get install -y fonts-dejavu-core, or --font)",
+                    args.font.display()
+                )
+            })?
+            .into_boxed_slice(),
+    );
+    let dir = args.dir.clone();
+
+    eprintln!("backend: wrk -t1 -c{} against bare axum", args.connections);
+    let replay_prefix = format!("replay{}", std::process::id());
+    let replay_keys = 1000;
+    let mut servers = vec![
+        backend::embedded(&dir).await?,
+        backend::redis(&dir, "always").await?,
+        backend::redis(&dir, "everysec").await?,
+    ];
+    let mut answers = None;
+    for server in &servers {
+        answers = Some(backend::seed(server.addr, &replay_prefix, replay_keys).await?);
+    }
+    let answers = answers.expect("servers were seeded");
+    servers.push(backend::baseline(&dir, answers).await?);
+    let wrk = backend::Wrk::new(args.seconds, args.connections)?;
+    let figures = backend::suite(&servers, &wrk, args.runs, &replay_prefix, replay_keys).await?;
+    drop(servers);
+
+    eprintln!("disk: {} captures of a 1 KiB body", args.captures);
+    let disk = backend::disk(&dir, args.captures).await?;
+
+    eprintln!("embedded store alone: concurrency 1 to 256");
+    let sweep = store::sweep(&dir, args.runs, 1.0).await?;
+    let plot = args.out.with_file_name(format!(
+        "{}-store.png",
+        args.out
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("BENCHMARKS")
+    ));
+    store::plot(&sweep, &plot, font)?;
+
+    eprintln!("filter: building idempotency.wasm and the no-op filter");
+    let wasm = filter::wasm();
+    let backend = backend::embedded(&dir).await?;
+    let mut fuel = Vec::new();
+    let mut memory = Vec::new();
+    let mut latency = Vec::new();
+    for mode in [Mode::Ngx, Mode::Envoy] {
+        for size in [1024, 64 * 1024] {
+            fuel.push(filter::fuel(mode, size, &wasm, backend.addr).await?);
+        }
+        memory.push(filter::memory(mode, &wasm, backend.addr, args.runs).await?);
+        eprintln!("  whole path, {mode}");
+        latency.push(
+            filter::latency(mode, &wasm, backend.addr, args.runs, args.seconds as f64).await?,
+        );
+    }
+    drop(backend);
+
+    let report = report::Report {
+        args: &args,
+        figures: &figures,
+        disk: &disk,
+        sweep: &sweep,
+        plot: &plot,
+        fuel: &fuel,
+        memory: &memory,
+        latency: &latency,
+        minutes: started.elapsed().as_secs_f64() / 60.0,
+    };
+    std::fs::write(&args.out, report.render())?;
+    eprintln!(
+        "wrote {} and {} in {:.1} min",
+        args.out.display(),
+        plot.display(),
+        started.elapsed().as_secs_f64() / 60.0
+    );
+    Ok(())
+}
