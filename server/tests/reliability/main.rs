@@ -14,6 +14,8 @@ mod harness;
 
 mod crashes;
 mod exactly_once;
+mod faults;
+mod store_faults;
 
 /// Runs an `async fn(Mode)` as one test per host mode: `<name>::ngx` and `<name>::envoy`.
 #[macro_export]
