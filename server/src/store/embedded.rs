@@ -947,7 +947,11 @@ fn read(
     Ok(serde_json::from_slice(value.value())
         .map(Some)
         .map_err(|e| {
-            tracing::error!(key, error = %e, "an entry cannot be decoded");
+            tracing::error!(
+                key = %crate::logging::key_digest(key),
+                error = %e,
+                "an entry cannot be decoded"
+            );
             StoreError::Corrupt(e.to_string())
         }))
 }

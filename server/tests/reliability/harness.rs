@@ -292,6 +292,8 @@ pub struct Gateway {
     pub host: Host,
     pub api: Upstream,
     pub tick: Duration,
+    /// Where the in-process backends' log lines of this run start.
+    log_mark: usize,
 }
 
 impl Gateway {
@@ -299,6 +301,7 @@ impl Gateway {
     /// mode and `server.timeout_ms` 10 s unless given (generous: a debug build on two loaded
     /// cores).
     pub async fn start(mode: Mode, backend: SocketAddr, mut config: Value) -> Gateway {
+        let log_mark = idempotency_tests::secrets::backend_mark();
         let api = Upstream::start().await;
         let upstream = match mode {
             Mode::Ngx => backend.to_string(),
@@ -322,6 +325,7 @@ impl Gateway {
             host,
             api,
             tick,
+            log_mark,
         }
     }
 
@@ -363,9 +367,13 @@ impl Gateway {
         out
     }
 
-    /// ngx: the worker never crashed and no connection slot leaked. Then every host rule
-    /// held (`Host::finish`).
+    /// ngx: the worker never crashed and no connection slot leaked; neither the filter nor
+    /// an in-process backend logged a key, a credential or a body of the run. Then every
+    /// host rule held (`Host::finish`).
     pub async fn finish(self) {
+        self.host.settle().await;
+        let secrets = idempotency_tests::secrets::Secrets::of_traffic(&self.api);
+        idempotency_tests::secrets::assert_not_logged(&self.host, self.log_mark, &secrets);
         if self.mode == Mode::Ngx {
             assert_eq!(self.host.leaked_connections(), 0, "no slot leaked");
         }

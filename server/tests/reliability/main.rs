@@ -15,6 +15,7 @@ mod harness;
 mod crashes;
 mod exactly_once;
 mod faults;
+mod security;
 mod store_faults;
 
 /// Runs an `async fn(Mode)` as one test per host mode: `<name>::ngx` and `<name>::envoy`.

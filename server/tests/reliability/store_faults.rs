@@ -193,7 +193,7 @@ async fn the_embedded_store_on_a_full_disk() {
 }
 
 async fn full_disk() {
-    let fs = match Tmpfs::mount("48m") {
+    let fs = match Tmpfs::mount("64m") {
         Ok(fs) => fs,
         Err(why) => {
             eprintln!(
@@ -204,9 +204,10 @@ async fn full_disk() {
         }
     };
     let data = fs.path().join("data");
-    // Room to give back once the disk is full.
+    // Room to give back once the disk is full: as much as the store may need to grow
+    // (its journal grows 4 MiB at a time up to a 16 MiB checkpoint, redb by regions).
     let filler = fs.path().join("filler");
-    std::fs::write(&filler, vec![0u8; 16 << 20]).unwrap();
+    std::fs::write(&filler, vec![0u8; 32 << 20]).unwrap();
     let backend = TestServer::start_with(embedded_at(data.clone())).await;
     let client = backend.client.clone();
     let mut stored: Vec<(String, Value)> = Vec::new();
