@@ -233,7 +233,9 @@ async fn forward(
     let mut exchange = Exchange {
         method: parts.method.to_string(),
         path: parts.uri.path().to_string(),
-        request: request.clone(),
+        // Copies: a `Bytes` from hyper is a view of its 8 KiB read buffer, which it would
+        // keep alive (two per call: gigabytes over a long run).
+        request: Bytes::copy_from_slice(&request),
         status: None,
         response: Bytes::new(),
         backend,
@@ -244,7 +246,7 @@ async fn forward(
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
                 .await
                 .map_err(std::io::Error::other)?;
-        tokio::spawn(conn);
+        let _conn = idempotency_tests::client::Closer::spawn(conn);
         let mut out = hyper::Request::builder()
             .method(parts.method.clone())
             .uri(parts.uri.clone());
@@ -270,7 +272,7 @@ async fn forward(
     match answer {
         Ok((head, body)) => {
             exchange.status = Some(head.status.as_u16());
-            exchange.response = body.clone();
+            exchange.response = Bytes::copy_from_slice(&body);
             state.lock().unwrap().exchanges.push(exchange);
             let mut response = hyper::Response::builder().status(head.status);
             for (k, v) in &head.headers {

@@ -7,6 +7,11 @@
 //!   on Redis, with `conflict: wait`, and with two backends on one Redis taking turns.
 //! - [`crashes`]: the backend SIGKILLed under that load and restarted on its data; the
 //!   gateway's instance reset with records queued.
+//! - [`faults`]: the backend down, silent, answering garbage, 500, not an answer, a
+//!   truncated body or closing mid-answer, on the allocation and on the record.
+//! - [`store_faults`]: Redis restarted under load and paused beyond the store time-out; the
+//!   embedded store on a full disk and on a disk that turns read-only.
+//! - [`security`]: two tenants sending the same keys, in both orders and at once.
 
 #[path = "../common/mod.rs"]
 mod common;
@@ -39,13 +44,15 @@ macro_rules! both_modes {
 /// other's time-outs fire (what a test then reports is the machine, not the code).
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// A test fails instead of hanging: none takes more than ten minutes, even on a slow machine.
+/// A test fails instead of hanging: none takes more than ten minutes at the CI size, even on a
+/// slow machine (a longer run, `RELIABILITY_KEYS` above 2,000, gets proportionally longer).
 pub async fn bounded(test: impl std::future::Future<Output = ()>) {
     let _turn = ONE_AT_A_TIME.lock().await;
-    if tokio::time::timeout(std::time::Duration::from_secs(600), test)
+    let minutes = 10 * harness::keys().div_ceil(2000).max(1) as u64;
+    if tokio::time::timeout(std::time::Duration::from_secs(60 * minutes), test)
         .await
         .is_err()
     {
-        panic!("the test did not finish within 10 minutes");
+        panic!("the test did not finish within {minutes} minutes");
     }
 }
