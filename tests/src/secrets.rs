@@ -75,9 +75,9 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Capture {
     }
 }
 
-/// What must not be logged.
+/// What must not be logged (a set: a long run adds hundreds of thousands).
 #[derive(Default, Debug, Clone)]
-pub struct Secrets(Vec<Vec<u8>>);
+pub struct Secrets(std::collections::BTreeSet<Vec<u8>>);
 
 impl Secrets {
     pub fn new() -> Secrets {
@@ -87,8 +87,8 @@ impl Secrets {
     /// Adds one (ignored when shorter than [`MIN_LEN`]).
     pub fn add(&mut self, secret: impl AsRef<[u8]>) {
         let s = secret.as_ref();
-        if s.len() >= MIN_LEN && !self.0.iter().any(|known| known == s) {
-            self.0.push(s.to_vec());
+        if s.len() >= MIN_LEN && !self.0.contains(s) {
+            self.0.insert(s.to_vec());
         }
     }
 
@@ -133,12 +133,13 @@ impl Secrets {
         if self.0.is_empty() {
             return Vec::new();
         }
-        let finder = aho_corasick::AhoCorasick::new(&self.0).expect("a finder of the secrets");
+        let secrets: Vec<&Vec<u8>> = self.0.iter().collect();
+        let finder = aho_corasick::AhoCorasick::new(&secrets).expect("a finder of the secrets");
         lines
             .into_iter()
             .filter_map(|line| {
                 let found = finder.find(line.as_bytes())?;
-                let secret = &self.0[found.pattern().as_usize()];
+                let secret = secrets[found.pattern().as_usize()];
                 Some(format!("{:?} in: {line}", String::from_utf8_lossy(secret)))
             })
             .collect()
