@@ -48,6 +48,8 @@ pub mod problem_type {
     pub const PAYLOAD_TOO_LARGE: &str = "urn:idempotency:problem:payload-too-large";
     /// 401: `API_TOKEN` is set and the request does not carry it.
     pub const UNAUTHORIZED: &str = "urn:idempotency:problem:unauthorized";
+    /// 408: the request body did not arrive within the server's body read time-out.
+    pub const REQUEST_TIMEOUT: &str = "urn:idempotency:problem:request-timeout";
     /// 503: the store does not answer.
     pub const STORE_UNAVAILABLE: &str = "urn:idempotency:problem:store-unavailable";
     /// 404 and 405: no such route or method (RFC 9457 §4.2.1).
