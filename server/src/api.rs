@@ -188,10 +188,10 @@ async fn allocate(
     if request
         .fingerprint
         .as_ref()
-        .is_some_and(|f| f.len() > spec::MAX_FINGERPRINT_LEN)
+        .is_some_and(|f| !spec::is_valid_fingerprint(f))
     {
         return Err(out_of_range(format!(
-            "fingerprint must be at most {} bytes",
+            "fingerprint must be at most {} characters of printable ASCII",
             spec::MAX_FINGERPRINT_LEN
         )));
     }
