@@ -740,6 +740,9 @@ fn lower_dedup(names: Vec<String>) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    // On wasm32-unknown-unknown the tests run under wasm-bindgen-test (Cargo.toml).
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     fn parse(s: &str) -> Result<Config, ConfigError> {
         Config::parse(s.as_bytes())
