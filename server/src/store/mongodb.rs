@@ -898,7 +898,10 @@ impl Store for MongoStore {
                 Ok(Some(document)) => allocate_outcome(&document, &token, fingerprint),
                 Ok(None) => Err(StoreError::Corrupt("an upsert returned no document".into())),
                 Err(Failure::DuplicateKey) if attempt < DUPLICATE_RETRIES => {
-                    tracing::debug!(key = %request.key, "concurrent first allocations; retrying");
+                    tracing::debug!(
+                        key = %crate::logging::key_digest(&request.key),
+                        "concurrent first allocations; retrying"
+                    );
                     continue;
                 }
                 Err(failure) => Err(failure.into()),
