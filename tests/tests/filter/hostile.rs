@@ -11,7 +11,9 @@
 //! - a response is the upstream's, untouched, or one of the filter's own problems (and then
 //!   the upstream never ran);
 //! - a replay is exactly the first response (status and body), the upstream ran once, and a
-//!   response that broke off is never replayed.
+//!   response that broke off is never replayed;
+//! - no key and no body of the case is in a log line of the filter, even a refused one, nor
+//!   (`E2e::finish`) what reached the upstream in the backend's.
 //!
 //! `PROPTEST_CASES=500 cargo test -p idempotency-tests --test filter hostile` runs more cases
 //! (64 per mode by default); `PROPTEST_SEED` (a number) another sequence.
@@ -19,6 +21,7 @@
 use std::cell::{Cell, RefCell};
 use std::time::Duration;
 
+use idempotency_tests::secrets::{Secrets, filter_lines};
 use idempotency_tests::{ClientResponse, Mode, Reply};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
@@ -303,6 +306,15 @@ async fn run_case(
     );
     let violations = host.violations();
     prop_assert!(violations.is_empty(), "host rules broken: {:?}", violations);
+    // Not even a key the filter refused, or the body of a refused request, is logged
+    // (`finish` scans for what reached the upstream).
+    let mut sent = Secrets::new();
+    for key in &case.keys {
+        sent.add(key);
+    }
+    sent.add(&case.body);
+    let leaks = sent.leaks(filter_lines(host).iter().map(String::as_str));
+    prop_assert!(leaks.is_empty(), "logged by the filter: {:?}", leaks);
     t.finish().await;
     Ok(())
 }
