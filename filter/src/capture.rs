@@ -289,6 +289,9 @@ pub fn at_end(capture: Option<&CaptureBuf>, complete: bool, store: &StatusSet) -
 #[cfg(test)]
 mod tests {
     use super::*;
+    // On wasm32-unknown-unknown the tests run under wasm-bindgen-test (Cargo.toml).
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     fn h(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs
@@ -386,6 +389,36 @@ mod tests {
         let mut c = CaptureBuf::new(200, Vec::new(), 4);
         c.push(b"abcd");
         assert!(!c.overflow(), "exactly the limit is kept");
+    }
+
+    /// Sizes past 4 GiB, which a 32-bit `usize` (the filter a gateway runs) cannot hold: a
+    /// Content-Length there, a limit there, bytes counted past it.
+    #[test]
+    fn sizes_past_4_gib_are_counted_in_64_bits() {
+        let c = CaptureBuf::new(200, h(&[("content-length", "4294967297")]), 1 << 20);
+        assert_eq!(c.content_length, Some(4_294_967_297));
+        assert!(
+            c.overflow(),
+            "a Content-Length past 4 GiB is over any limit"
+        );
+        let mut c = CaptureBuf::new(200, h(&[("content-length", "3")]), 5 << 30);
+        c.push(b"abc");
+        assert!(
+            !c.overflow(),
+            "a limit past 4 GiB is no limit at all, not a small one"
+        );
+        assert_eq!(at_end(Some(&c), false, &below_500()), End::Record);
+        // 8 GiB and 1 byte of body, in chunks as large as a 32-bit host can announce.
+        let mut c = CaptureBuf::new(200, h(&[("content-length", "8589934593")]), 4);
+        let most = usize::try_from(u32::MAX).unwrap();
+        c.skip(most);
+        c.skip(most);
+        c.push(b"abc");
+        assert_eq!(c.seen(), 8_589_934_593);
+        assert_eq!(
+            at_end(Some(&c), false, &below_500()),
+            End::Release(ReleaseReason::TooLarge)
+        );
     }
 
     #[test]

@@ -231,7 +231,11 @@ impl<'a> Obj<'a> {
             .ok_or_else(|| err(field, format!("expected an object, got {}", kind(v))))?;
         for k in map.keys() {
             if !known.contains(&k.as_str()) {
-                return Err(err(&join(path, k), "unknown field"));
+                // Escaped: the name is the operator's bytes, and the error is one log line.
+                return Err(err(
+                    &join(path, &k.escape_debug().to_string()),
+                    "unknown field",
+                ));
             }
         }
         Ok(Obj {
@@ -373,7 +377,8 @@ fn show(v: &Value) -> String {
             (None, Some(i)) => i.to_string(),
             _ => "a fractional number".to_string(),
         },
-        Value::String(s) if s.len() <= 40 => format!("\"{s}\""),
+        // Escaped, as above: one line whatever the value holds.
+        Value::String(s) if s.len() <= 40 => format!("\"{}\"", s.escape_debug()),
         other => kind(other).to_string(),
     }
 }
@@ -535,16 +540,32 @@ impl Config {
             }
             Ok(())
         })?;
-        let store_status = StatusSet(
-            store_items
-                .iter()
-                .filter_map(|s| StatusSet::parse_item(s))
-                .collect(),
-        );
+        // Each range once: "3xx" and "300-399" are one range, and the effective configuration
+        // (`to_json`) shows it once, so that it parses back to this one.
+        let mut ranges = Vec::new();
+        for range in store_items.iter().filter_map(|s| StatusSet::parse_item(s)) {
+            if !ranges.contains(&range) {
+                ranges.push(range);
+            }
+        }
+        let store_status = StatusSet(ranges);
 
         let replay_header = top.string("replay_header", DEFAULT_REPLAY_HEADER)?;
         if !replay_header.is_empty() {
             token_item(&replay_header).map_err(|p| err("replay_header", p))?;
+        }
+        // A replay is sent with this header: one that describes the connection or the framing
+        // (`TE: true`, `Content-Length: true`) would break the response the client gets.
+        if crate::capture::HOP_BY_HOP
+            .iter()
+            .any(|h| replay_header.eq_ignore_ascii_case(h))
+        {
+            return Err(err(
+                "replay_header",
+                format!(
+                    "{replay_header:?} is a hop-by-hop header or Content-Length, which a replay cannot carry"
+                ),
+            ));
         }
         let strip_on_replay = lower_dedup(top.strings("strip_on_replay", &[], 64, token_item)?);
 
@@ -719,6 +740,9 @@ fn lower_dedup(names: Vec<String>) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    // On wasm32-unknown-unknown the tests run under wasm-bindgen-test (Cargo.toml).
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     fn parse(s: &str) -> Result<Config, ConfigError> {
         Config::parse(s.as_bytes())
@@ -794,6 +818,56 @@ mod tests {
         let e =
             parse(r#"{"server":{"upstream":"x"},"scope":{"headers":["bad header"]}}"#).unwrap_err();
         assert_eq!(e.field, "scope.headers[0]");
+    }
+
+    #[test]
+    fn the_replay_header_is_never_one_a_replay_cannot_carry() {
+        // Found by the fuzzer (fuzz/fuzz_targets/replay.rs): `"replay_header": "TE"` was
+        // taken, and every replay carried `TE: true`.
+        for name in [
+            "TE",
+            "content-length",
+            "Transfer-Encoding",
+            "connection",
+            "Upgrade",
+        ] {
+            let e = parse(&format!(
+                r#"{{"server":{{"upstream":"x"}},"replay_header":"{name}"}}"#
+            ))
+            .unwrap_err();
+            assert_eq!(e.field, "replay_header", "{name}");
+        }
+        assert!(parse(r#"{"server":{"upstream":"x"},"replay_header":"X-Replayed"}"#).is_ok());
+    }
+
+    #[test]
+    fn the_effective_configuration_parses_back_to_itself() {
+        // Found by the fuzzer: "3xx" and "300-399" were two items and one range, shown twice
+        // by to_json, which then did not parse (a duplicate item).
+        let c =
+            parse(r#"{"server":{"upstream":"x"},"store_status":["3xx","300-399","201"]}"#).unwrap();
+        assert_eq!(c.store_status, StatusSet(vec![(300, 399), (201, 201)]));
+        assert_eq!(Config::from_value(&c.to_json()), Ok(c));
+    }
+
+    #[test]
+    fn an_error_is_one_line_whatever_the_names_and_values_hold() {
+        // Found by the fuzzer (fuzz/fuzz_targets/config.rs): an unknown field's name, or a
+        // short string value, with a line break made a two-line log message.
+        let e = parse(r#"{"server":{"upst\nm":"x"}}"#).unwrap_err();
+        assert_eq!(e.field, r"server.upst\nm");
+        let e = parse(r#"{"server":{"upstream":"x"},"lease_ms":"a\r\nb"}"#).unwrap_err();
+        assert!(e.problem.ends_with(r#"got "a\r\nb""#), "{e}");
+        for e in [
+            parse(r#"{"server":{"upst\nm":"x"}}"#),
+            parse(r#"{"server":{"upstream":"x"},"lease_ms":"a\r\nb"}"#),
+            parse(r#"{"server":{"upstream":"x"},"record":"a\nb"}"#),
+            parse(r#"{"server":{"upstream":"x"},"methods":["a\nb"]}"#),
+            parse(r#"{"server":{"upstream":"x"},"server\n":1}"#),
+        ] {
+            let line = e.unwrap_err().to_string();
+            assert!(!line.contains(['\n', '\r']), "{line:?}");
+        }
     }
 
     #[test]

@@ -212,6 +212,9 @@ pub fn call_headers<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    // On wasm32-unknown-unknown the tests run under wasm-bindgen-test (Cargo.toml).
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     fn ans(status: Option<u16>, body: &str) -> CallAnswer {
         CallAnswer {

@@ -83,6 +83,9 @@ fn hex_digit(n: u8) -> char {
 #[cfg(test)]
 mod tests {
     use super::*;
+    // On wasm32-unknown-unknown the tests run under wasm-bindgen-test (Cargo.toml).
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     fn fp(method: &str, path: &str, ct: Option<&str>, chunks: &[&[u8]]) -> String {
         let mut f = Fingerprint::new(method.as_bytes(), path.as_bytes(), ct.map(str::as_bytes));
@@ -137,5 +140,8 @@ mod tests {
         assert_ne!(f(Some(0)), f(None));
         // Never the fingerprint of the same request with its (empty) body.
         assert_ne!(f(Some(0)), fp("POST", "/p", Some("application/json"), &[]));
+        // A declared length past 4 GiB is not cut to 32 bits (on the gateway's Wasm).
+        assert_ne!(f(Some(1 << 32)), f(Some(0)));
+        assert_ne!(f(Some(u64::MAX)), f(Some(u64::from(u32::MAX))));
     }
 }

@@ -153,7 +153,10 @@ pub fn ngx_dispatchable(server: &crate::config::Server, method: &str, path: &str
 #[cfg(test)]
 mod tests {
     use super::*;
+    // On wasm32-unknown-unknown the tests run under wasm-bindgen-test (Cargo.toml).
     use crate::config::RecordMode;
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     #[test]
     fn kong_dispatches_are_checked_before_they_are_made() {

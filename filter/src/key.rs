@@ -106,6 +106,9 @@ pub fn backend_key(scope_digest: &[u8; 32], key: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    // On wasm32-unknown-unknown the tests run under wasm-bindgen-test (Cargo.toml).
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     #[test]
     fn sf_string_and_bare_token() {

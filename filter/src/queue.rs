@@ -373,6 +373,9 @@ pub fn backoff_ms(attempts: u32) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    // On wasm32-unknown-unknown the tests run under wasm-bindgen-test (Cargo.toml).
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     fn target(upstream: &str) -> Rc<Server> {
         Rc::new(Server {

@@ -60,6 +60,9 @@ pub fn digest(route: bool, header_names: &[String], input: &ScopeInput<'_>) -> [
 #[cfg(test)]
 mod tests {
     use super::*;
+    // On wasm32-unknown-unknown the tests run under wasm-bindgen-test (Cargo.toml).
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     fn hdrs(pairs: &[(&str, &str)]) -> Vec<(Vec<u8>, Vec<u8>)> {
         pairs

@@ -192,9 +192,13 @@ fn constraints_beyond_the_schema_are_exactly_these() {
         json!({"server": {"upstream": "u"}, "store_status": ["499-100"]}),
         // Header names are case-insensitive: these are duplicates.
         json!({"server": {"upstream": "u"}, "methods": ["POST"], "scope": {"headers": ["a", "a"]}}),
+        // A replay header a replay cannot carry (any case).
+        json!({"server": {"upstream": "u"}, "replay_header": "Transfer-Encoding"}),
     ];
     assert!(v.accepts(&only_parser[0]));
     assert!(Config::from_value(&only_parser[0]).is_err());
+    assert!(v.accepts(&only_parser[2]));
+    assert!(Config::from_value(&only_parser[2]).is_err());
     // uniqueItems catches exact duplicates in both.
     assert!(!v.accepts(&only_parser[1]));
     assert!(Config::from_value(&only_parser[1]).is_err());

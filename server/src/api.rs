@@ -79,6 +79,14 @@ impl<T: DeserializeOwned> FromRequest<AppState> for Payload<T> {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &AppState) -> Result<Self, ApiError> {
+        // A Content-Length over the limit is refused at once: the limit below only counts the
+        // bytes as they come, so the answer would wait for a body that cannot be taken.
+        let announced = axum::body::HttpBody::size_hint(request.body()).lower();
+        if usize::try_from(announced).map_or(true, |n| n > state.policy.body_limit) {
+            return Err(ApiError::PayloadTooLarge {
+                limit: state.policy.body_limit,
+            });
+        }
         let bytes =
             Bytes::from_request(request, state)
                 .await
@@ -88,7 +96,11 @@ impl<T: DeserializeOwned> FromRequest<AppState> for Payload<T> {
                             limit: state.policy.body_limit,
                         }
                     }
-                    other => ApiError::MalformedPayload(Some(other.body_text())),
+                    // The client was too slow (`--body-read-timeout`): not a malformed body.
+                    other => match crate::http::body_timeout(&other) {
+                        Some(limit) => ApiError::RequestTimeout { limit },
+                        None => ApiError::MalformedPayload(Some(other.body_text())),
+                    },
                 })?;
         // serde would take a JSON array for a struct, field by field: refuse anything but an
         // object first.
@@ -176,10 +188,10 @@ async fn allocate(
     if request
         .fingerprint
         .as_ref()
-        .is_some_and(|f| f.len() > spec::MAX_FINGERPRINT_LEN)
+        .is_some_and(|f| !spec::is_valid_fingerprint(f))
     {
         return Err(out_of_range(format!(
-            "fingerprint must be at most {} bytes",
+            "fingerprint must be at most {} characters of printable ASCII",
             spec::MAX_FINGERPRINT_LEN
         )));
     }

@@ -144,6 +144,17 @@ pub struct Config {
     #[arg(long, env = "API_TOKEN", hide_env_values = true)]
     pub api_token: Option<String>,
 
+    /// How long a client may take to send a request's head (request line and headers) once
+    /// the server waits for one, an idle keep-alive connection included; then the connection
+    /// is closed without an answer. Bounds what a slow or silent client holds.
+    #[arg(long, env = "HEADER_READ_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub header_read_timeout: Duration,
+
+    /// How long a client may take to send a request's whole body, from its head on; then the
+    /// answer is 408 and the connection is closed.
+    #[arg(long, env = "BODY_READ_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub body_read_timeout: Duration,
+
     /// Log line format on stderr (the filter comes from RUST_LOG, default "info").
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
     pub log_format: LogFormat,
@@ -182,8 +193,25 @@ impl Config {
             max_lease: Duration::from_secs(24 * 3600),
             body_limit: 8 << 20,
             api_token: None,
+            header_read_timeout: Duration::from_secs(30),
+            body_read_timeout: Duration::from_secs(30),
             log_format: LogFormat::Pretty,
         }
+    }
+
+    /// The warning to log when the server listens on `addr` beyond loopback without an API
+    /// token: anyone who reaches the port can then allocate, record and release any key (and
+    /// so replay a stored response to someone else, or free a key to have a request run
+    /// twice). `None` when the address is loopback or a token is set.
+    pub fn exposure_warning(&self, addr: std::net::SocketAddr) -> Option<String> {
+        if addr.ip().is_loopback() || non_empty(&self.api_token).is_some() {
+            return None;
+        }
+        Some(format!(
+            "SECURITY WARNING: listening on {addr}, beyond loopback, without API_TOKEN: anyone \
+             who reaches this port can read, record and release every key; set API_TOKEN (and \
+             the filter's server.token), or listen on 127.0.0.1"
+        ))
     }
 
     /// Parse the command line and the environment, then [`Config::validate`].
@@ -240,6 +268,12 @@ impl Config {
         }
         if self.body_limit == 0 {
             return Err("--body-limit must be at least 1 byte".into());
+        }
+        if self.header_read_timeout < Duration::from_millis(1) {
+            return Err("--header-read-timeout must be at least 1ms".into());
+        }
+        if self.body_read_timeout < Duration::from_millis(1) {
+            return Err("--body-read-timeout must be at least 1ms".into());
         }
         if let Some(token) = &self.api_token
             && (token.is_empty() || token.chars().any(|c| c.is_whitespace() || c.is_control()))
@@ -477,6 +511,8 @@ mod tests {
             &["--default-lease", "25h"],
             &["--default-lease", "0s"],
             &["--api-token", ""],
+            &["--header-read-timeout", "0s"],
+            &["--body-read-timeout", "soon"],
             &["--store", "redis"],
             &["--store", "redis", "--redis-url", "http://x"],
             &["--store", "redis", "--redis-url", "rediss://x"],
@@ -577,6 +613,33 @@ mod tests {
         );
         let line = invalid(&["--store", "mongodb", "--mongodb-uri", "http://u:pw@h"]);
         assert!(!line.contains("pw"), "{line}");
+    }
+
+    #[test]
+    fn read_timeouts_parse() {
+        let c = parse(&[
+            "--header-read-timeout",
+            "250ms",
+            "--body-read-timeout",
+            "2m",
+        ])
+        .unwrap();
+        assert_eq!(c.header_read_timeout, Duration::from_millis(250));
+        assert_eq!(c.body_read_timeout, Duration::from_secs(120));
+    }
+
+    #[test]
+    fn listening_beyond_loopback_without_a_token_is_a_warning() {
+        let mut c = Config::new("d");
+        let warned = |c: &Config, addr: &str| c.exposure_warning(addr.parse().unwrap());
+        assert!(warned(&c, "0.0.0.0:8080").unwrap().contains("API_TOKEN"));
+        assert!(warned(&c, "[::]:8080").is_some());
+        assert!(warned(&c, "10.1.2.3:8080").is_some());
+        assert!(warned(&c, "127.0.0.1:8080").is_none());
+        assert!(warned(&c, "127.8.9.1:8080").is_none());
+        assert!(warned(&c, "[::1]:8080").is_none());
+        c.api_token = Some("s3cret".into());
+        assert!(warned(&c, "0.0.0.0:8080").is_none());
     }
 
     #[test]

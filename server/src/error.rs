@@ -44,6 +44,9 @@ pub enum ApiError {
          (its headers and body, as the store encodes them)"
     )]
     CaptureTooLarge { limit: usize },
+    /// 408: the body did not arrive within `--body-read-timeout`.
+    #[error("The request body did not arrive within {} ms", .limit.as_millis())]
+    RequestTimeout { limit: std::time::Duration },
     /// 401: `API_TOKEN` is set and the request does not carry it.
     #[error("Missing or invalid bearer token")]
     Unauthorized,
@@ -77,6 +80,7 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } | ApiError::CaptureTooLarge { .. } => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
+            ApiError::RequestTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -95,6 +99,7 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } | ApiError::CaptureTooLarge { .. } => {
                 problem_type::PAYLOAD_TOO_LARGE
             }
+            ApiError::RequestTimeout { .. } => problem_type::REQUEST_TIMEOUT,
             ApiError::Unauthorized => problem_type::UNAUTHORIZED,
             ApiError::NotFound | ApiError::MethodNotAllowed => problem_type::ABOUT_BLANK,
             ApiError::Store(_) => problem_type::STORE_UNAVAILABLE,
@@ -111,6 +116,7 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } | ApiError::CaptureTooLarge { .. } => {
                 "Payload too large"
             }
+            ApiError::RequestTimeout { .. } => "Request timeout",
             ApiError::Unauthorized => "Unauthorized",
             ApiError::NotFound => "Not Found",
             ApiError::MethodNotAllowed => "Method Not Allowed",
@@ -149,6 +155,11 @@ impl IntoResponse for ApiError {
             }
             ApiError::Unauthorized => {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            ApiError::RequestTimeout { .. } => {
+                // The rest of the body is never read: the connection cannot carry another
+                // request (RFC 9110 §15.5.9).
+                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             _ => {}
         }

@@ -12,6 +12,7 @@
 //! | --- | --- |
 //! | [`config`] | flags with environment fallbacks (clap), validated; one line on error |
 //! | [`api`] | every route, the handlers, the body extractor, the bearer-token check |
+//! | [`http`] | the HTTP server under the router: hyper with the header and body read time-outs |
 //! | [`error`] | the one error type, rendered as RFC 9457 problem+json with the old `error` member |
 //! | [`store`] | the [`Store`] trait, the outcomes, and the pure per-key state machine |
 //! | [`store::embedded`] | redb in the data dir, one writer thread with group commit through a journal, the dir lock; opened again in place after a failed write |
@@ -50,6 +51,7 @@
 pub mod api;
 pub mod config;
 pub mod error;
+pub mod http;
 pub mod logging;
 pub mod purge;
 pub mod shutdown;
@@ -180,14 +182,20 @@ pub async fn serve_with_store(
         .local_addr()
         .context("reading the listener's address")?;
     tracing::info!(%addr, store = store.name(), "listening");
-    let served = axum::serve(listener, api::router(state))
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            tracing::info!("shutting down: finishing requests in flight");
-            let _ = stopping.send(true);
-        })
-        .await
-        .context("serving HTTP");
+    if let Some(warning) = config.exposure_warning(addr) {
+        tracing::warn!("{warning}");
+    }
+    let timeouts = http::Timeouts {
+        header_read: config.header_read_timeout,
+        body_read: config.body_read_timeout,
+    };
+    let served = http::serve(listener, api::router(state), timeouts, async move {
+        shutdown.await;
+        tracing::info!("shutting down: finishing requests in flight");
+        let _ = stopping.send(true);
+    })
+    .await
+    .context("serving HTTP");
 
     // Every connection is closed now: nothing uses the store but the purge.
     let _ = purge.await;

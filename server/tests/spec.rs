@@ -122,6 +122,7 @@ fn the_documented_problem_types_are_the_ones_sent() {
         problem_type::MALFORMED_PAYLOAD,
         problem_type::UNAUTHORIZED,
         problem_type::NOT_ALLOCATED,
+        problem_type::REQUEST_TIMEOUT,
         problem_type::IN_FLIGHT,
         problem_type::PAYLOAD_TOO_LARGE,
         problem_type::MALFORMED_KEY,

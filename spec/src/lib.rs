@@ -19,6 +19,15 @@ pub const STATUS_RANGE: std::ops::RangeInclusive<u16> = 100..=599;
 pub const PROBLEM_JSON: &str = "application/problem+json";
 /// The longest request fingerprint the backend stores (bytes). A digest fits many times over.
 pub const MAX_FINGERPRINT_LEN: usize = 1024;
+
+/// Whether `fingerprint` is one the backend takes: at most [`MAX_FINGERPRINT_LEN`] characters
+/// of printable ASCII (0x20–0x7E), empty meaning none. ASCII only, so that the contract's
+/// `maxLength` (characters, in JSON Schema) and the stored size (bytes) are one number; a
+/// digest is ASCII anyway (`sha-256=:…:`).
+pub fn is_valid_fingerprint(fingerprint: &str) -> bool {
+    fingerprint.len() <= MAX_FINGERPRINT_LEN
+        && fingerprint.bytes().all(|b| (0x20..=0x7e).contains(&b))
+}
 /// The path of the captures resource (allocate `PUT`, record `POST`, release `DELETE`).
 pub const CAPTURES_PATH: &str = "/api/v2/captures";
 /// The path of the batch operation (`POST`): many records and releases in one call.
@@ -48,6 +57,8 @@ pub mod problem_type {
     pub const PAYLOAD_TOO_LARGE: &str = "urn:idempotency:problem:payload-too-large";
     /// 401: `API_TOKEN` is set and the request does not carry it.
     pub const UNAUTHORIZED: &str = "urn:idempotency:problem:unauthorized";
+    /// 408: the request body did not arrive within the server's body read time-out.
+    pub const REQUEST_TIMEOUT: &str = "urn:idempotency:problem:request-timeout";
     /// 503: the store does not answer.
     pub const STORE_UNAVAILABLE: &str = "urn:idempotency:problem:store-unavailable";
     /// 404 and 405: no such route or method (RFC 9457 §4.2.1).
@@ -76,10 +87,18 @@ pub struct AllocateRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fingerprint: Option<String>,
     /// How long this allocation holds the key if it is never recorded.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "integer::optional"
+    )]
     pub lease_ms: Option<u64>,
     /// When another request holds the key, wait up to this long for it to finish.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "integer::optional"
+    )]
     pub wait_ms: Option<u64>,
 }
 
@@ -106,6 +125,7 @@ pub struct CaptureRecord {
 /// A captured upstream response.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Capture {
+    #[serde(deserialize_with = "integer::status")]
     pub response_status: u16,
     /// Opaque to the backend. The filter stores the body base64-encoded (RFC 4648 §4); the
     /// old Lua plugin stored it gzipped and base64url-encoded.
@@ -204,6 +224,80 @@ pub struct Problem {
     pub error: Option<String>,
 }
 
+/// Integers as JSON Schema counts them: `201` and `201.0` alike (draft 2020-12, §6.1.1: "a
+/// number with a zero fractional part"), which serde's own `u64` refuses. The contract says
+/// `type: integer`, so a client whose JSON library writes every number with a fraction is
+/// not refused for it; `201.5`, a negative number or one out of range still is.
+mod integer {
+    use serde::Deserializer;
+    use serde::de::{Error, Unexpected, Visitor};
+    use std::fmt;
+
+    struct Integer {
+        max: u64,
+    }
+
+    impl<'de> Visitor<'de> for Integer {
+        type Value = u64;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "an integer from 0 to {}", self.max)
+        }
+
+        fn visit_u64<E: Error>(self, v: u64) -> Result<u64, E> {
+            if v <= self.max {
+                Ok(v)
+            } else {
+                Err(E::invalid_value(Unexpected::Unsigned(v), &self))
+            }
+        }
+
+        fn visit_i64<E: Error>(self, v: i64) -> Result<u64, E> {
+            match u64::try_from(v) {
+                Ok(v) => self.visit_u64(v),
+                Err(_) => Err(E::invalid_value(Unexpected::Signed(v), &self)),
+            }
+        }
+
+        fn visit_f64<E: Error>(self, v: f64) -> Result<u64, E> {
+            // An integral float below 2^64 converts to exactly that u64.
+            if v.fract() == 0.0 && v >= 0.0 && v <= self.max as f64 {
+                Ok(v as u64)
+            } else {
+                Err(E::invalid_value(Unexpected::Float(v), &self))
+            }
+        }
+    }
+
+    /// A capture's status (a `u16`).
+    pub fn status<'de, D: Deserializer<'de>>(d: D) -> Result<u16, D::Error> {
+        let max = u64::from(u16::MAX);
+        let v = d.deserialize_any(Integer { max })?;
+        u16::try_from(v).map_err(|_| D::Error::invalid_value(Unexpected::Unsigned(v), &"a u16"))
+    }
+
+    /// An optional `u64` field (absent or `null`: `None`).
+    pub fn optional<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        struct Optional;
+        impl<'de> Visitor<'de> for Optional {
+            type Value = Option<u64>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an integer or null")
+            }
+            fn visit_none<E: Error>(self) -> Result<Self::Value, E> {
+                Ok(None)
+            }
+            fn visit_unit<E: Error>(self) -> Result<Self::Value, E> {
+                Ok(None)
+            }
+            fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+                d.deserialize_any(Integer { max: u64::MAX }).map(Some)
+            }
+        }
+        d.deserialize_option(Optional)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -233,6 +327,55 @@ mod tests {
             serde_json::to_string(&many).unwrap(),
             r#"{"key":"a","value":["x","y"]}"#
         );
+    }
+
+    #[test]
+    fn integers_with_a_zero_fraction_are_integers() {
+        let r: AllocateRequest =
+            serde_json::from_str(r#"{"idempotency_key":"k","lease_ms":3000.0,"wait_ms":null}"#)
+                .unwrap();
+        assert_eq!((r.lease_ms, r.wait_ms), (Some(3000), None));
+        let c: Capture = serde_json::from_str(
+            r#"{"response_status":201.0,"response_body":"","response_headers":[]}"#,
+        )
+        .unwrap();
+        assert_eq!(c.response_status, 201);
+        for bad in [
+            r#"{"idempotency_key":"k","lease_ms":1.5}"#,
+            r#"{"idempotency_key":"k","lease_ms":-1}"#,
+            r#"{"idempotency_key":"k","lease_ms":-0.5}"#,
+            r#"{"idempotency_key":"k","lease_ms":1e300}"#,
+            r#"{"idempotency_key":"k","lease_ms":"5"}"#,
+            r#"{"idempotency_key":"k","wait_ms":true}"#,
+        ] {
+            assert!(
+                serde_json::from_str::<AllocateRequest>(bad).is_err(),
+                "{bad}"
+            );
+        }
+        for bad in ["65536", "65536.0", "201.5", "-201", "\"201\""] {
+            let json =
+                format!(r#"{{"response_status":{bad},"response_body":"","response_headers":[]}}"#);
+            assert!(serde_json::from_str::<Capture>(&json).is_err(), "{bad}");
+        }
+        // The same inside a batch (an internally tagged enum buffers its fields first).
+        let op: BatchOperation = serde_json::from_str(
+            r#"{"op":"record","idempotency_key":"k","response":{"response_status":200.0,"response_body":"","response_headers":[]}}"#,
+        )
+        .unwrap();
+        assert!(matches!(op, BatchOperation::Record(r) if r.response.response_status == 200));
+    }
+
+    #[test]
+    fn fingerprints_are_printable_ascii_within_the_limit() {
+        assert!(is_valid_fingerprint(""));
+        assert!(is_valid_fingerprint(
+            "sha-256=:X48E9qOokqqrvdts8nOJRJN3OWDUoyWxBf7kbu9DBPE=:"
+        ));
+        assert!(is_valid_fingerprint(&"f".repeat(MAX_FINGERPRINT_LEN)));
+        assert!(!is_valid_fingerprint(&"f".repeat(MAX_FINGERPRINT_LEN + 1)));
+        assert!(!is_valid_fingerprint("é"));
+        assert!(!is_valid_fingerprint("a\nb"));
     }
 
     #[test]

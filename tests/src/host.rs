@@ -658,6 +658,13 @@ impl Host {
         self.observed.lock().unwrap().instances
     }
 
+    /// How many calls of HTTP contexts were still in flight when their request ended, in
+    /// either mode (ngx: each is also a fatal violation; envoy: cancelled silently, which a
+    /// request the client saw through to its end never needs).
+    pub fn calls_outliving_requests(&self) -> u64 {
+        self.observed.lock().unwrap().calls_outliving_requests
+    }
+
     /// How many callbacks of a phase ran (e.g. `"tick"`, `"log"`).
     pub fn callbacks(&self, phase: &str) -> u64 {
         let observed = self.observed.lock().unwrap();

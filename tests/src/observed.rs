@@ -147,6 +147,9 @@ pub struct Observed {
     pub instances: u32,
     /// Callback counts by phase, over all contexts.
     pub calls: BTreeMap<&'static str, u64>,
+    /// Calls of an HTTP context still in flight when its request ended (ngx: a fatal
+    /// violation too; envoy: cancelled, their answers never delivered).
+    pub calls_outliving_requests: u64,
 }
 
 impl Observed {

@@ -336,6 +336,8 @@ const CONFIG_ENV: &[&str] = &[
     "MAX_LEASE",
     "BODY_LIMIT",
     "API_TOKEN",
+    "HEADER_READ_TIMEOUT",
+    "BODY_READ_TIMEOUT",
     "LOG_FORMAT",
     "RUST_LOG",
     "STORE_TIMEOUT",

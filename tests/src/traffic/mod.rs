@@ -577,6 +577,7 @@ impl Worker {
             None => Vec::new(),
         };
         if !outstanding.is_empty() && self.alive(id) {
+            self.observed.lock().unwrap().calls_outliving_requests += outstanding.len() as u64;
             let vm = self.vm.as_mut().unwrap();
             if self.mode.dispatch_outliving_request_is_fatal() {
                 // The worker crashes once this event is handled (see `run`).

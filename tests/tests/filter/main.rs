@@ -11,6 +11,7 @@ mod concurrency;
 mod config;
 mod disconnect;
 mod envoy;
+mod hostile;
 mod load;
 mod problems;
 mod queue;

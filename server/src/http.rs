@@ -1,0 +1,338 @@
+//! The HTTP server under the router: hyper (through hyper-util's auto builder, HTTP/1.1 and
+//! HTTP/2 with prior knowledge, as `axum::serve` runs it) with the two read time-outs
+//! `axum::serve` has no setting for, so that a slow or silent client holds a connection for a
+//! bounded time and never the others' service:
+//!
+//! - **the head** (`--header-read-timeout`): hyper's HTTP/1 header read time-out, from the
+//!   moment the server waits for a request head (an idle keep-alive connection included) to
+//!   its last header line; then the connection is closed without an answer (no request was
+//!   read to answer). Before hyper knows the protocol, the first bytes (up to the 24 of the
+//!   HTTP/2 preface) are under the same deadline ([`FirstBytes`]): hyper-util's version
+//!   detection has none, and a client that connects and sends nothing would stay for ever.
+//! - **the body** (`--body-read-timeout`): the whole body must arrive within this time from
+//!   the head on ([`TimedBody`]); the body extractor then answers 408 (`request-timeout`)
+//!   and the connection is closed.
+//!
+//! HTTP/2 streams get the body time-out; hyper has no per-stream header time-out, so an
+//! HTTP/2 client is trusted with its HEADERS frames (no gateway this backend serves speaks
+//! HTTP/2 to it: Kong's calls are HTTP/1.1, and so are Envoy's unless the cluster is
+//! configured otherwise).
+
+use std::error::Error as StdError;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Bytes, HttpBody};
+use hyper::body::{Frame, Incoming, SizeHint};
+use hyper::service::Service as _;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpListener;
+use tokio::time::{Instant, Sleep};
+
+/// The read time-outs of every connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// The request head (and the wait for it on an idle connection).
+    pub header_read: Duration,
+    /// The whole request body, from the head on.
+    pub body_read: Duration,
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves; then stops accepting and returns
+/// once every connection has finished its requests in flight and closed.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    timeouts: Timeouts,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> io::Result<()> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(timeouts.header_read);
+    // Dead peers of an HTTP/2 connection are found by ping (hyper's own time-out for it).
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(timeouts.header_read);
+    let graceful = GracefulShutdown::new();
+    let app = TowerToHyperService::new(router);
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    accept_failed(e).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let app = app.clone();
+        let body_read = timeouts.body_read;
+        let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
+            app.call(request.map(|body| TimedBody::new(body, body_read)))
+        });
+        let io = TokioIo::new(FirstBytes::new(stream, timeouts.header_read));
+        let connection = builder.serve_connection(io, service).into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            // A client that went away, sent garbage or timed out: its own business, not the
+            // server's; nothing else to do with it.
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "connection ended");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
+}
+
+/// What `axum::serve` does after a failed accept: a connection-level error (the client gave
+/// up before it was accepted) is ignored; anything else (out of file descriptors) is logged
+/// and accepting pauses a second, rather than spinning on the error.
+async fn accept_failed(e: io::Error) {
+    if matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+    ) {
+        return;
+    }
+    tracing::error!(error = %e, "accepting a connection failed; retrying in 1 s");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+}
+
+/// The HTTP/2 connection preface: what hyper-util's version detection reads first.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// A connection whose first bytes must arrive within a deadline: until they show which
+/// protocol it speaks (a byte that is not the HTTP/2 preface's, or the whole preface), a read
+/// that finds nothing after the deadline fails with `TimedOut`, which ends the connection.
+/// After that hyper's own time-outs apply and this is a plain pass-through.
+pub struct FirstBytes<S> {
+    inner: S,
+    /// `None` once the protocol is known.
+    deadline: Option<Pin<Box<Sleep>>>,
+    /// How many bytes matched the HTTP/2 preface so far.
+    matched: usize,
+}
+
+impl<S> FirstBytes<S> {
+    pub fn new(inner: S, limit: Duration) -> FirstBytes<S> {
+        FirstBytes {
+            inner,
+            deadline: Some(Box::pin(tokio::time::sleep(limit))),
+            matched: 0,
+        }
+    }
+
+    /// Looks at bytes just read: does the protocol show?
+    fn saw(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            if H2_PREFACE.get(self.matched) == Some(&b) {
+                self.matched += 1;
+                if self.matched == H2_PREFACE.len() {
+                    self.deadline = None;
+                    return;
+                }
+            } else {
+                self.deadline = None;
+                return;
+            }
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for FirstBytes<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.deadline.is_none() {
+            return Pin::new(&mut this.inner).poll_read(cx, buf);
+        }
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                let new = buf.filled().get(before..).unwrap_or_default().to_vec();
+                this.saw(&new);
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => match this.deadline.as_mut().map(|d| d.as_mut().poll(cx)) {
+                Some(Poll::Ready(())) => Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "no request within the header read time-out",
+                ))),
+                _ => Poll::Pending,
+            },
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for FirstBytes<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// The error a [`TimedBody`] ends with when its deadline passes first.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyTimeout {
+    pub limit: Duration,
+}
+
+impl std::fmt::Display for BodyTimeout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the request body did not arrive within {} ms",
+            self.limit.as_millis()
+        )
+    }
+}
+
+impl StdError for BodyTimeout {}
+
+/// The limit of the body time-out `error` (or one of its causes) is, if it is one: how the
+/// body extractor tells a slow client (408) from a broken one (400).
+pub fn body_timeout(error: &(dyn StdError + 'static)) -> Option<Duration> {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if let Some(timeout) = e.downcast_ref::<BodyTimeout>() {
+            return Some(timeout.limit);
+        }
+        cause = e.source();
+    }
+    None
+}
+
+/// A request body that must end within `limit` of the request's head. The timer is made
+/// when the body is first read (a request whose body is never read costs none), but counts
+/// from the head. Size hints pass through, so a `Content-Length` over the body limit is
+/// still refused before a byte is read.
+pub struct TimedBody {
+    inner: Incoming,
+    deadline: Instant,
+    limit: Duration,
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl TimedBody {
+    pub fn new(inner: Incoming, limit: Duration) -> TimedBody {
+        TimedBody {
+            inner,
+            deadline: Instant::now() + limit,
+            limit,
+            timer: None,
+        }
+    }
+}
+
+impl HttpBody for TimedBody {
+    type Data = Bytes;
+    type Error = Box<dyn StdError + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        let deadline = this.deadline;
+        let timer = this
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        ready!(timer.as_mut().poll(cx));
+        Poll::Ready(Some(Err(Box::new(BodyTimeout { limit: this.limit }))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_protocol_shows_at_the_first_byte_of_http1_or_the_whole_preface() {
+        let fresh = || FirstBytes::new((), Duration::from_secs(1));
+        let mut h1 = fresh();
+        h1.saw(b"P");
+        assert!(h1.deadline.is_some(), "P could still be the preface");
+        h1.saw(b"OST / HTTP/1.1\r\n");
+        assert!(h1.deadline.is_none());
+        let mut h2 = fresh();
+        h2.saw(&H2_PREFACE[..10]);
+        assert!(h2.deadline.is_some());
+        h2.saw(&H2_PREFACE[10..]);
+        assert!(h2.deadline.is_none());
+        assert_eq!(h2.matched, 24);
+    }
+
+    #[test]
+    fn a_body_timeout_is_found_among_the_causes() {
+        #[derive(Debug)]
+        struct Wrapper(BodyTimeout);
+        impl std::fmt::Display for Wrapper {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("wrapped")
+            }
+        }
+        impl StdError for Wrapper {
+            fn source(&self) -> Option<&(dyn StdError + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let limit = Duration::from_millis(250);
+        assert_eq!(body_timeout(&Wrapper(BodyTimeout { limit })), Some(limit));
+        assert_eq!(body_timeout(&io::Error::other("no")), None);
+    }
+}
