@@ -196,6 +196,7 @@ async fn allocate(
         AllocateOutcome::Allocated {
             lease_token,
             lease_expires_at,
+            ..
         } => json(
             StatusCode::ACCEPTED,
             &spec::Allocated {

@@ -34,8 +34,10 @@
 //! # Layout
 //!
 //! - `captures`: key → [`Entry`] as JSON (small, self-describing, readable in a debugger).
-//! - `expiry`: `(expires_at_ms, key)` → `()`, an index kept in step with `captures`, so that the
-//!   purge is a range scan over what has expired and never a full table walk.
+//! - `expiry`: `(purge_at_ms, key)` → `()`, an index kept in step with `captures`, so that the
+//!   purge is a range scan over what has expired and never a full table walk. An entry is
+//!   purged at its expiry, a lease [`TAKEOVER_WINDOW`](super::TAKEOVER_WINDOW) later
+//!   ([`Entry::purge_at`]), so that its takeover is seen.
 //! - `meta`: the journal's generation (see [`journal`]).
 //!
 //! Deleted entries free their pages, which redb reuses for later writes: with the purge running,
@@ -99,6 +101,8 @@ pub struct EmbeddedOptions {
     /// ...or this long after the last one, whichever comes first: it bounds the journal's
     /// size, the work of an open after a crash, and what redb keeps unsynced in memory.
     pub checkpoint_interval: Duration,
+    /// How long the purge keeps an expired lease ([`super::TAKEOVER_WINDOW`]).
+    pub takeover_window: Duration,
 }
 
 impl EmbeddedOptions {
@@ -110,6 +114,7 @@ impl EmbeddedOptions {
             queue: 8192,
             checkpoint_bytes: 16 << 20,
             checkpoint_interval: Duration::from_secs(1),
+            takeover_window: super::TAKEOVER_WINDOW,
         }
     }
 }
@@ -301,10 +306,12 @@ impl EmbeddedStore {
                 .map_or(0, |v| v.value());
             let (journal, records) = Journal::open(&dir, generation).map_err(journal_io)?;
             for record in &records {
-                replay(&mut captures, &mut expiry, record).map_err(|why| OpenError::Journal {
-                    path: journal_path.clone(),
-                    why,
-                })?;
+                replay(&mut captures, &mut expiry, record, options.takeover_window).map_err(
+                    |why| OpenError::Journal {
+                        path: journal_path.clone(),
+                        why,
+                    },
+                )?;
             }
             meta.insert(GENERATION, generation + 1)
                 .map_err(|e| db_error(e.into()))?;
@@ -685,6 +692,7 @@ impl Writer {
                 expiry: txn.open_table(EXPIRY)?,
                 counters: &self.shared.counters,
                 journal: &mut self.payload,
+                takeover_window: self.options.takeover_window,
             };
             let now = now_ms();
             for command in rest.by_ref() {
@@ -866,6 +874,7 @@ struct Tables<'t> {
     expiry: Table<'t, (u64, &'static str), ()>,
     counters: &'t Counters,
     journal: &'t mut Vec<u8>,
+    takeover_window: Duration,
 }
 
 /// One allocation, record or release, the same for the three: read the key's entry, run the
@@ -944,21 +953,22 @@ fn write(
     current: Option<&Entry>,
     change: Change,
 ) -> Result<bool, redb::Error> {
-    let old_expiry = current.map(Entry::expires_at);
+    let window = tables.takeover_window;
+    let old_expiry = current.map(|e| e.purge_at(window));
     match change {
         Change::None => return Ok(false),
         Change::Put(entry) => {
             let bytes = serde_json::to_vec(&entry).expect("an entry always encodes");
-            let expires_at = entry.expires_at();
+            let purge_at = entry.purge_at(window);
             put(
                 &mut tables.captures,
                 &mut tables.expiry,
                 key,
                 old_expiry,
-                expires_at,
+                purge_at,
                 &bytes,
             )?;
-            journal_put(tables.journal, key, expires_at, &bytes);
+            journal_put(tables.journal, key, purge_at, &bytes);
         }
         Change::Delete => {
             delete(&mut tables.captures, &mut tables.expiry, key, old_expiry)?;
@@ -997,15 +1007,17 @@ fn delete(
     Ok(())
 }
 
-// A journal record is the batch's changes in order, each `P | key_len u16 | key | expires_at
+// A journal record is the batch's changes in order, each `P | key_len u16 | key | purge_at
 // u64 | len u32 | entry` or `D | key_len u16 | key` (little endian): applying them again on
 // top of any state the batch started from, or already ended in, gives the state it ended in.
+// (`purge_at` is the entry's row in the expiry index; records written before leases were kept
+// for the takeover window hold a lease's expiry there, which the purge moves, see `purge`.)
 const PUT: u8 = b'P';
 const DELETE: u8 = b'D';
 
-fn journal_put(journal: &mut Vec<u8>, key: &str, expires_at: UnixMillis, entry: &[u8]) {
+fn journal_put(journal: &mut Vec<u8>, key: &str, purge_at: UnixMillis, entry: &[u8]) {
     journal_delete_or_put(journal, PUT, key);
-    journal.extend_from_slice(&expires_at.to_le_bytes());
+    journal.extend_from_slice(&purge_at.to_le_bytes());
     journal.extend_from_slice(&(entry.len() as u32).to_le_bytes());
     journal.extend_from_slice(entry);
 }
@@ -1026,6 +1038,7 @@ fn replay(
     captures: &mut Table<&str, &[u8]>,
     expiry: &mut Table<(u64, &str), ()>,
     mut record: &[u8],
+    takeover_window: Duration,
 ) -> Result<(), String> {
     fn take<'a>(record: &mut &'a [u8], n: usize) -> Result<&'a [u8], String> {
         if record.len() < n {
@@ -1043,16 +1056,16 @@ fn replay(
             .map_err(|_| "a key is not UTF-8".to_owned())?;
         // The entry it replaces, for its row of the expiry index.
         let old_expiry = match read(captures, key).map_err(db)? {
-            Ok(current) => current.as_ref().map(Entry::expires_at),
+            Ok(current) => current.as_ref().map(|e| e.purge_at(takeover_window)),
             Err(e) => return Err(e.to_string()),
         };
         match op {
             PUT => {
-                let expires_at =
+                let purge_at =
                     u64::from_le_bytes(take(&mut record, 8)?.try_into().expect("8 bytes"));
                 let len = u32::from_le_bytes(take(&mut record, 4)?.try_into().expect("4 bytes"));
                 let bytes = take(&mut record, len as usize)?;
-                put(captures, expiry, key, old_expiry, expires_at, bytes).map_err(db)?;
+                put(captures, expiry, key, old_expiry, purge_at, bytes).map_err(db)?;
             }
             DELETE => delete(captures, expiry, key, old_expiry).map_err(db)?,
             other => return Err(format!("unknown change {other:#x}")),
@@ -1061,36 +1074,145 @@ fn replay(
     Ok(())
 }
 
-/// Delete up to `limit` entries whose expiry has passed, oldest first. Returns how many index
-/// rows were consumed (`limit` means there may be more) and how many entries were deleted.
+/// Delete up to `limit` entries whose time has come ([`Entry::purge_at`]), oldest first.
+/// Returns how many index rows were consumed (`limit` means there may be more) and how many
+/// entries were deleted.
 fn purge(
     tables: &mut Tables<'_>,
     now: UnixMillis,
     limit: usize,
 ) -> Result<(usize, usize), redb::Error> {
-    // Everything that expired at or before `now` (an entry is free from its expiry on).
+    // Every row due at or before `now` (an entry is free from its expiry on).
     let due: Vec<(u64, String)> = tables
         .expiry
         .range::<(u64, &str)>(..(now.saturating_add(1), ""))?
         .take(limit)
         .map(|row| row.map(|(k, _)| (k.value().0, k.value().1.to_owned())))
         .collect::<Result<_, _>>()?;
+    let window = tables.takeover_window;
     let mut purged = 0;
     for (at, key) in &due {
         tables.expiry.remove((*at, key.as_str()))?;
-        // The index row may be stale only if the entry changed without it, which `write` never
-        // does; still, delete the entry only if it really is the expired one.
-        let expired = match tables.captures.get(key.as_str())? {
-            Some(value) => serde_json::from_slice::<Entry>(value.value())
-                .map(|e| e.expires_at() == *at && !e.is_live(now))
-                .unwrap_or(false),
-            None => false,
+        let entry = match tables.captures.get(key.as_str())? {
+            Some(value) => serde_json::from_slice::<Entry>(value.value()).ok(),
+            None => None,
         };
-        if expired {
+        // The row is the entry's own if it sits at its purge time, or at its expiry: a row
+        // written before leases were kept for the takeover window (an older data dir or
+        // journal). Any other row is stale (the index changes only with its entry, so this
+        // is a safeguard) and only goes.
+        let Some(entry) = entry.filter(|e| *at == e.purge_at(window) || *at == e.expires_at())
+        else {
+            continue;
+        };
+        let purge_at = entry.purge_at(window);
+        if purge_at <= now && !entry.is_live(now) {
             tables.captures.remove(key.as_str())?;
             journal_delete(tables.journal, key);
             purged += 1;
+        } else {
+            // An old row of a lease still in its takeover window: moved to its purge time.
+            tables.expiry.insert((purge_at, key.as_str()), ())?;
         }
     }
     Ok((due.len(), purged))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WINDOW: Duration = Duration::from_secs(60);
+
+    fn lease(expires_at: UnixMillis) -> Entry {
+        Entry::Allocated {
+            lease_token: "t".into(),
+            lease_expires_at: expires_at,
+            fingerprint: None,
+        }
+    }
+
+    /// What `purge` reported (rows consumed, entries deleted), and the index rows and keys
+    /// left after it.
+    type Purged = ((usize, usize), Vec<(u64, String)>, Vec<String>);
+
+    /// Runs `purge` on a database holding `entries` (key, entry, its row in the expiry
+    /// index).
+    fn purged(entries: &[(&str, Entry, u64)], now: UnixMillis) -> Purged {
+        let db = Database::builder()
+            .create_with_backend(redb::backends::InMemoryBackend::new())
+            .unwrap();
+        let txn = db.begin_write().unwrap();
+        let counters = Counters::default();
+        let mut journal = Vec::new();
+        let result = {
+            let mut tables = Tables {
+                captures: txn.open_table(CAPTURES).unwrap(),
+                expiry: txn.open_table(EXPIRY).unwrap(),
+                counters: &counters,
+                journal: &mut journal,
+                takeover_window: WINDOW,
+            };
+            for (key, entry, row) in entries {
+                let bytes = serde_json::to_vec(entry).unwrap();
+                tables.captures.insert(*key, bytes.as_slice()).unwrap();
+                tables.expiry.insert((*row, *key), ()).unwrap();
+            }
+            let result = purge(&mut tables, now, 100).unwrap();
+            let rows = tables
+                .expiry
+                .iter()
+                .unwrap()
+                .map(|r| {
+                    let (k, _) = r.unwrap();
+                    (k.value().0, k.value().1.to_owned())
+                })
+                .collect();
+            let keys = tables
+                .captures
+                .iter()
+                .unwrap()
+                .map(|r| r.unwrap().0.value().to_owned())
+                .collect();
+            (result, rows, keys)
+        };
+        txn.abort().unwrap();
+        result
+    }
+
+    #[test]
+    fn an_expired_lease_is_purged_a_window_after_its_expiry() {
+        let entry = lease(1_000);
+        let at = entry.purge_at(WINDOW);
+        assert_eq!(at, 61_000);
+        // Within the window its row is not due.
+        let (_, rows, keys) = purged(&[("k", entry.clone(), at)], 30_000);
+        assert_eq!(rows, [(at, "k".to_owned())]);
+        assert_eq!(keys, ["k"]);
+        let ((rows, deleted), left, keys) = purged(&[("k", entry, at)], at);
+        assert_eq!((rows, deleted), (1, 1));
+        assert!(left.is_empty() && keys.is_empty());
+    }
+
+    #[test]
+    fn a_row_at_a_leases_expiry_is_moved_to_its_purge_time() {
+        // As a data dir or journal of an earlier version indexed a lease: at its expiry.
+        let entry = lease(1_000);
+        let ((rows, deleted), left, keys) = purged(&[("old", entry.clone(), 1_000)], 2_000);
+        assert_eq!((rows, deleted), (1, 0));
+        assert_eq!(left, [(61_000, "old".to_owned())]);
+        assert_eq!(keys, ["old"]);
+        // Past the window, such a row deletes the entry at once.
+        let ((_, deleted), left, keys) = purged(&[("old", entry, 1_000)], 61_000);
+        assert_eq!(deleted, 1);
+        assert!(left.is_empty() && keys.is_empty());
+    }
+
+    #[test]
+    fn a_stale_row_goes_and_its_entry_stays() {
+        let ((rows, deleted), left, keys) = purged(&[("k", lease(500_000), 1_000)], 2_000);
+        assert_eq!((rows, deleted), (1, 0));
+        assert!(left.is_empty());
+        assert_eq!(keys, ["k"]);
+    }
 }

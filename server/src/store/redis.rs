@@ -20,8 +20,9 @@
 //!
 //! The scripts read Redis's own clock (`TIME`), not the server process's: every process
 //! sharing the Redis sees the same instant, so their clocks need not agree, and the decisions
-//! of the scripts agree with Redis's own key expiry (`PEXPIREAT` at the entry's `expires_at`),
-//! which reclaims the memory of expired keys. As everywhere, an entry whose `expires_at` has
+//! of the scripts agree with Redis's own key expiry (`PEXPIREAT` at the entry's `expires_at`,
+//! or for a lease [`TAKEOVER_WINDOW`](super::TAKEOVER_WINDOW) later, so that the allocation
+//! that takes an expired lease over is told so), which reclaims the memory of expired keys. As everywhere, an entry whose `expires_at` has
 //! passed is free to every operation whether or not Redis has deleted it yet. (Redis 7
 //! replicates a script's effects, not the script, so reading `TIME` before writing is allowed
 //! and replicas and the AOF get the absolute `PEXPIREAT`.)
@@ -384,7 +385,8 @@ impl Store for RedisStore {
         script
             .arg(request.fingerprint.as_deref().unwrap_or(""))
             .arg(millis(request.lease))
-            .arg(&token);
+            .arg(&token)
+            .arg(millis(super::TAKEOVER_WINDOW));
         self.run(
             &key,
             &script,
@@ -557,6 +559,7 @@ fn parse_allocate(value: Value, token: String) -> Result<AllocateOutcome, StoreE
         "allocated" => Ok(AllocateOutcome::Allocated {
             lease_token: token,
             lease_expires_at: instant(&rest)?,
+            taken_over: matches!(rest.get(1), Some(Value::Int(1))),
         }),
         "in_flight" => Ok(AllocateOutcome::InFlight {
             lease_expires_at: instant(&rest)?,
@@ -626,10 +629,27 @@ mod tests {
     #[test]
     fn allocate_answers() {
         assert_eq!(
-            parse_allocate(answer("allocated", vec![Value::Int(42)]), "t".into()).unwrap(),
+            parse_allocate(
+                answer("allocated", vec![Value::Int(42), Value::Int(0)]),
+                "t".into()
+            )
+            .unwrap(),
             AllocateOutcome::Allocated {
                 lease_token: "t".into(),
-                lease_expires_at: 42
+                lease_expires_at: 42,
+                taken_over: false,
+            }
+        );
+        assert_eq!(
+            parse_allocate(
+                answer("allocated", vec![Value::Int(42), Value::Int(1)]),
+                "t".into()
+            )
+            .unwrap(),
+            AllocateOutcome::Allocated {
+                lease_token: "t".into(),
+                lease_expires_at: 42,
+                taken_over: true,
             }
         );
         assert_eq!(
