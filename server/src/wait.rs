@@ -115,7 +115,10 @@ pub async fn allocate(
             return Ok((outcome, Some(started.elapsed())));
         }
         if !waiting {
-            tracing::debug!(key = %request.key, "waiting for the holder of the key");
+            tracing::debug!(
+                key = %idempotency_spec::key_digest(&request.key),
+                "waiting for the holder of the key"
+            );
             waiting = true;
         }
         // Retry no later than the lease's end (it may be taken over then) and the deadline.

@@ -940,8 +940,13 @@ fn read(
     Ok(serde_json::from_slice(value.value())
         .map(Some)
         .map_err(|e| {
-            tracing::error!(key, error = %e, "an entry cannot be decoded");
-            StoreError::Corrupt(e.to_string())
+            let error = super::undecodable("a stored entry", &e);
+            tracing::error!(
+                key = %idempotency_spec::key_digest(key),
+                %error,
+                "an entry cannot be decoded"
+            );
+            error
         }))
 }
 

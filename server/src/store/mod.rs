@@ -163,6 +163,17 @@ pub enum StoreError {
     Corrupt(String),
 }
 
+/// A stored entry that cannot be decoded, said without its contents: serde's message quotes
+/// the value it stumbled on (a body, a header, a token), which must never reach a log.
+pub(crate) fn undecodable(what: &str, e: &serde_json::Error) -> StoreError {
+    StoreError::Corrupt(format!(
+        "{what}: {:?} error at line {} column {}",
+        e.classify(),
+        e.line(),
+        e.column()
+    ))
+}
+
 /// Whether a shared store (Redis, MongoDB) was shut down: from then on its operations fail
 /// with [`StoreError::Closed`].
 #[derive(Debug, Default)]

@@ -518,7 +518,10 @@ pub fn stray_update(retention_ms: i64) -> Vec<Document> {
 pub fn decode(document: &Document) -> Result<Entry, StoreError> {
     let corrupt = |why: &str| {
         let key = document.get_str(KEY).unwrap_or("?");
-        StoreError::Corrupt(format!("the document of {key}: {why}"))
+        StoreError::Corrupt(format!(
+            "the document of key {}: {why}",
+            idempotency_spec::key_digest(key)
+        ))
     };
     let expires_at: UnixMillis = match document.get(EXPIRES_AT) {
         None | Some(Bson::Null) => UnixMillis::MAX,
@@ -546,7 +549,8 @@ pub fn decode(document: &Document) -> Result<Entry, StoreError> {
                 capture.insert("response_headers", Bson::Array(Vec::new()));
             }
             let capture: Capture = bson::deserialize_from_document(capture)
-                .map_err(|e| corrupt(&format!("its capture: {e}")))?;
+                // Not the driver's message: it may quote a value of the capture.
+                .map_err(|_| corrupt("its capture is not a capture"))?;
             Ok(Entry::Completed {
                 capture,
                 expires_at,
@@ -905,7 +909,10 @@ impl Store for MongoStore {
                 Ok(Some(document)) => allocate_outcome(&document, &token, fingerprint),
                 Ok(None) => Err(StoreError::Corrupt("an upsert returned no document".into())),
                 Err(Failure::DuplicateKey) if attempt < DUPLICATE_RETRIES => {
-                    tracing::debug!(key = %request.key, "concurrent first allocations; retrying");
+                    tracing::debug!(
+                        key = %idempotency_spec::key_digest(&request.key),
+                        "concurrent first allocations; retrying"
+                    );
                     continue;
                 }
                 Err(failure) => Err(failure.into()),

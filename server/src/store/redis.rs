@@ -519,7 +519,8 @@ fn presented(token: Option<&str>) -> (&'static str, &str) {
 fn reply(value: Value) -> Result<(String, Vec<Value>), StoreError> {
     let Value::Array(mut items) = value else {
         return Err(StoreError::Corrupt(format!(
-            "unexpected script answer {value:?}"
+            "unexpected script answer ({})",
+            kind(&value)
         )));
     };
     if items.is_empty() {
@@ -536,7 +537,8 @@ fn text(value: Value) -> Result<String, StoreError> {
             .map_err(|_| StoreError::Corrupt("a script answer is not UTF-8".into())),
         Value::SimpleString(s) => Ok(s),
         other => Err(StoreError::Corrupt(format!(
-            "expected a string, got {other:?}"
+            "expected a string, got {}",
+            kind(&other)
         ))),
     }
 }
@@ -547,7 +549,8 @@ fn instant(values: &[Value]) -> Result<u64, StoreError> {
             u64::try_from(*ms).map_err(|_| StoreError::Corrupt(format!("a negative instant {ms}")))
         }
         other => Err(StoreError::Corrupt(format!(
-            "expected an instant, got {other:?}"
+            "expected an instant, got {}",
+            other.map_or("nothing", kind)
         ))),
     }
 }
@@ -567,9 +570,10 @@ fn parse_allocate(value: Value, token: String) -> Result<AllocateOutcome, StoreE
         "completed" => match rest.into_iter().next() {
             Some(Value::BulkString(json)) => serde_json::from_slice::<Capture>(&json)
                 .map(AllocateOutcome::Completed)
-                .map_err(|e| StoreError::Corrupt(format!("a stored capture: {e}"))),
+                .map_err(|e| super::undecodable("a stored capture", &e)),
             other => Err(StoreError::Corrupt(format!(
-                "a completed entry without its capture ({other:?})"
+                "a completed entry without its capture ({})",
+                other.as_ref().map_or("nothing", kind)
             ))),
         },
         "mismatch" => Ok(AllocateOutcome::FingerprintMismatch),
@@ -596,6 +600,21 @@ fn parse_release(value: Value) -> Result<ReleaseOutcome, StoreError> {
         "released" => Ok(ReleaseOutcome::Released),
         "forbidden" => Ok(ReleaseOutcome::Forbidden),
         other => Err(corrupt(other, rest)),
+    }
+}
+
+/// What kind of value Redis answered, for an error message: never the value itself, which
+/// may hold a capture.
+fn kind(value: &Value) -> &'static str {
+    match value {
+        Value::Nil => "nil",
+        Value::Int(_) => "an integer",
+        Value::BulkString(_) => "a bulk string",
+        Value::Array(_) => "an array",
+        Value::SimpleString(_) => "a simple string",
+        Value::Okay => "OK",
+        Value::ServerError(_) => "an error",
+        _ => "another type",
     }
 }
 

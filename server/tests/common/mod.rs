@@ -272,15 +272,12 @@ pub fn watch_waits() {
 }
 
 /// Wait until the in-process server waits on `key`: the synchronisation point of the wait_ms
-/// tests (the holder acts only once the waiter is known to wait).
+/// tests (the holder acts only once the waiter is known to wait). The log names the key by
+/// its digest only.
 pub async fn waiting_on(key: &str) {
+    let digest = idempotency_spec::key_digest(key);
     eventually(&format!("a wait on {key}"), || async {
-        WAITING
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|k| k == key)
-            .then_some(())
+        WAITING.lock().unwrap().contains(&digest).then_some(())
     })
     .await
 }
