@@ -60,6 +60,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter};
 use redb::{Database, Durability, ReadableDatabase as _, ReadableTable, Table, TableDefinition};
 use tokio::sync::{mpsc, oneshot};
 
@@ -136,16 +137,81 @@ pub enum OpenError {
     Journal { path: PathBuf, why: String },
 }
 
-/// Counters of the writer, for the benchmark and the shutdown log.
-#[derive(Debug, Default)]
+/// Counters and histograms of the writer and the syncer: for the benchmark, the shutdown log,
+/// and the server's metrics (`idempotency_server_embedded_*`, [`Store::register_metrics`]).
+/// Each update is one atomic add.
+#[derive(Debug, Clone)]
 struct Counters {
-    operations: AtomicU64,
-    reads: AtomicU64,
-    batches: AtomicU64,
-    commits: AtomicU64,
-    syncs: AtomicU64,
-    checkpoints: AtomicU64,
-    purged: AtomicU64,
+    operations: IntCounter,
+    reads: IntCounter,
+    batches: IntCounter,
+    commits: IntCounter,
+    syncs: IntCounter,
+    checkpoints: IntCounter,
+    purged: IntCounter,
+    /// Operations per write transaction: the group commit's batch size.
+    batch_operations: Histogram,
+    /// From a batch's commit until it is durable: its journal record synced, or its
+    /// checkpoint committed durably (the family, and its two children).
+    commit: HistogramVec,
+    journal_commit: Histogram,
+    checkpoint_commit: Histogram,
+}
+
+impl Default for Counters {
+    fn default() -> Counters {
+        let counter = |name: &str, help: &str| {
+            IntCounter::new(format!("{}embedded_{name}", crate::metrics::PREFIX), help)
+                .expect("a valid metric")
+        };
+        let commit = HistogramVec::new(
+            HistogramOpts::new(
+                format!("{}embedded_commit_duration_seconds", crate::metrics::PREFIX),
+                "From a write transaction's commit until it is durable: its journal record synced (journal), or a durable commit of redb (checkpoint).",
+            )
+            .buckets(crate::metrics::LATENCY_BUCKETS.to_vec()),
+            &["kind"],
+        )
+        .expect("a valid metric");
+        Counters {
+            operations: counter(
+                "operations_total",
+                "Allocations, records and releases the embedded store applied, including those answered by a read.",
+            ),
+            reads: counter(
+                "reads_total",
+                "Allocations of a live key answered from a read transaction, without the writer.",
+            ),
+            batches: counter(
+                "transactions_total",
+                "Write transactions begun by the writer (each carries one or more operations).",
+            ),
+            commits: counter(
+                "commits_total",
+                "Write transactions that changed something (journaled, or committed durably).",
+            ),
+            syncs: counter(
+                "syncs_total",
+                "Syncs to disk: fdatasync of the journal (each covers every transaction journaled before it) and durable commits.",
+            ),
+            checkpoints: counter(
+                "checkpoints_total",
+                "Durable commits of redb after which the journal started over.",
+            ),
+            purged: counter("purged_total", "Expired entries deleted by the purge."),
+            batch_operations: Histogram::with_opts(
+                HistogramOpts::new(
+                    format!("{}embedded_transaction_operations", crate::metrics::PREFIX),
+                    "Operations (allocations, records, releases, batch items) per write transaction: the group commit's batch size.",
+                )
+                .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0]),
+            )
+            .expect("a valid metric"),
+            journal_commit: commit.with_label_values(&["journal"]),
+            checkpoint_commit: commit.with_label_values(&["checkpoint"]),
+            commit,
+        }
+    }
 }
 
 /// A snapshot of the store's counters.
@@ -382,13 +448,13 @@ impl EmbeddedStore {
     pub fn stats(&self) -> Stats {
         let c = &self.shared.counters;
         Stats {
-            operations: c.operations.load(Ordering::Relaxed),
-            reads: c.reads.load(Ordering::Relaxed),
-            batches: c.batches.load(Ordering::Relaxed),
-            commits: c.commits.load(Ordering::Relaxed),
-            syncs: c.syncs.load(Ordering::Relaxed),
-            checkpoints: c.checkpoints.load(Ordering::Relaxed),
-            purged: c.purged.load(Ordering::Relaxed),
+            operations: c.operations.get(),
+            reads: c.reads.get(),
+            batches: c.batches.get(),
+            commits: c.commits.get(),
+            syncs: c.syncs.get(),
+            checkpoints: c.checkpoints.get(),
+            purged: c.purged.get(),
         }
     }
 
@@ -431,8 +497,8 @@ impl EmbeddedStore {
         match super::allocate(Some(&current), request, now, String::new) {
             (outcome, Change::None) => {
                 let c = &self.shared.counters;
-                c.operations.fetch_add(1, Ordering::Relaxed);
-                c.reads.fetch_add(1, Ordering::Relaxed);
+                c.operations.inc();
+                c.reads.inc();
                 Some(outcome)
             }
             _ => None,
@@ -479,6 +545,26 @@ impl Store for EmbeddedStore {
 
     async fn purge_expired(&self, limit: usize) -> Result<usize, StoreError> {
         self.call(|reply| Command::Purge(limit, reply)).await
+    }
+
+    fn register_metrics(&self, registry: &prometheus::Registry) {
+        let c = self.shared.counters.clone();
+        let collectors: [Box<dyn prometheus::core::Collector>; 9] = [
+            Box::new(c.operations),
+            Box::new(c.reads),
+            Box::new(c.batches),
+            Box::new(c.commits),
+            Box::new(c.syncs),
+            Box::new(c.checkpoints),
+            Box::new(c.purged),
+            Box::new(c.batch_operations),
+            Box::new(c.commit),
+        ];
+        for collector in collectors {
+            if let Err(e) = registry.register(collector) {
+                tracing::warn!(error = %e, "the embedded store's metrics are registered already");
+            }
+        }
     }
 
     async fn shutdown(&self) -> Result<(), StoreError> {
@@ -578,6 +664,8 @@ type Pending = Box<dyn FnOnce(Option<&StoreError>) + Send>;
 struct ToSync {
     number: u64,
     pending: Vec<Pending>,
+    /// When its commit began, for a batch that changed something (its commit latency).
+    committed: Option<Instant>,
 }
 
 fn answer<T: Send + 'static>(reply: Reply<T>, result: Result<T, StoreError>) -> Pending {
@@ -608,7 +696,7 @@ fn sync(file: File, batches: std::sync::mpsc::Receiver<ToSync>, shared: &Shared)
         } else {
             match file.sync_data() {
                 Ok(()) => {
-                    shared.counters.syncs.fetch_add(1, Ordering::Relaxed);
+                    shared.counters.syncs.inc();
                     shared.durable.fetch_max(upto, Ordering::SeqCst);
                     Ok(())
                 }
@@ -621,6 +709,12 @@ fn sync(file: File, batches: std::sync::mpsc::Receiver<ToSync>, shared: &Shared)
         };
         let error = outcome.err();
         for batch in ready {
+            if let (None, Some(committed)) = (&error, batch.committed) {
+                shared
+                    .counters
+                    .journal_commit
+                    .observe(committed.elapsed().as_secs_f64());
+            }
             for done in batch.pending {
                 done(error.as_ref());
             }
@@ -670,7 +764,21 @@ impl Writer {
     /// If the batch carried a shutdown, returns its reply and whether what came before it was
     /// made durable (commands after it are refused).
     fn apply(&mut self, batch: Vec<Command>) -> Option<(Reply<()>, Result<(), StoreError>)> {
-        self.shared.counters.batches.fetch_add(1, Ordering::Relaxed);
+        self.shared.counters.batches.inc();
+        let operations: usize = batch
+            .iter()
+            .map(|command| match command {
+                Command::Allocate(..) | Command::Record(..) | Command::Release(..) => 1,
+                Command::Batch(ops, _) => ops.len(),
+                Command::Purge(..) | Command::Ping(_) | Command::Shutdown(_) => 0,
+            })
+            .sum();
+        if operations > 0 {
+            self.shared
+                .counters
+                .batch_operations
+                .observe(operations as f64);
+        }
         if let Err(e) = self.shared.failed() {
             return fail_all(batch, &e);
         }
@@ -740,10 +848,7 @@ impl Writer {
                     Command::Purge(limit, reply) => {
                         let (rows, purged) = purge(&mut tables, now, limit)?;
                         changed |= rows > 0;
-                        self.shared
-                            .counters
-                            .purged
-                            .fetch_add(purged as u64, Ordering::Relaxed);
+                        self.shared.counters.purged.inc_by(purged as u64);
                         pending.push(answer(reply, Ok(rows)));
                     }
                     Command::Ping(reply) => {
@@ -777,7 +882,7 @@ impl Writer {
             // Nothing to make durable: no sync; the answers wait only for an earlier batch's.
             Ok(()) => txn.abort().map_err(unavailable).and_then(|()| {
                 if self.shared.durable.load(Ordering::SeqCst) < self.number {
-                    self.to_syncer(self.number, pending)
+                    self.to_syncer(self.number, pending, None)
                 } else {
                     Ok(pending)
                 }
@@ -807,6 +912,7 @@ impl Writer {
         let number = self.number + 1;
         // Before the commit is visible: readers then know the snapshot may hold it.
         self.shared.visible.store(number, Ordering::SeqCst);
+        let committed = Instant::now();
         let written = txn
             .set_durability(Durability::None)
             .map_err(unavailable)
@@ -819,14 +925,23 @@ impl Writer {
             return Err(e);
         }
         self.number = number;
-        self.shared.counters.commits.fetch_add(1, Ordering::Relaxed);
-        self.to_syncer(number, pending)
+        self.shared.counters.commits.inc();
+        self.to_syncer(number, pending, Some(committed))
     }
 
-    fn to_syncer(&self, number: u64, pending: Vec<Pending>) -> Result<Vec<Pending>, StoreError> {
+    fn to_syncer(
+        &self,
+        number: u64,
+        pending: Vec<Pending>,
+        committed: Option<Instant>,
+    ) -> Result<Vec<Pending>, StoreError> {
         let syncer = self.to_syncer.as_ref().ok_or(StoreError::Closed)?;
         syncer
-            .send(ToSync { number, pending })
+            .send(ToSync {
+                number,
+                pending,
+                committed,
+            })
             .map_err(|_| StoreError::Unavailable("the syncer thread is gone".into()))?;
         Ok(Vec::new())
     }
@@ -840,6 +955,7 @@ impl Writer {
     ) -> Result<Vec<Pending>, StoreError> {
         let number = self.number + 1;
         self.shared.visible.store(number, Ordering::SeqCst);
+        let started = Instant::now();
         let committed = (|| -> Result<(), redb::Error> {
             txn.open_table(META)?
                 .insert(GENERATION, self.generation + 1)?;
@@ -860,9 +976,10 @@ impl Writer {
         self.last_checkpoint = Instant::now();
         self.shared.durable.fetch_max(number, Ordering::SeqCst);
         let c = &self.shared.counters;
-        c.commits.fetch_add(1, Ordering::Relaxed);
-        c.syncs.fetch_add(1, Ordering::Relaxed);
-        c.checkpoints.fetch_add(1, Ordering::Relaxed);
+        c.commits.inc();
+        c.syncs.inc();
+        c.checkpoints.inc();
+        c.checkpoint_commit.observe(started.elapsed().as_secs_f64());
         Ok(pending)
     }
 }
@@ -910,7 +1027,7 @@ fn step<T>(
         }
         Err(e) => Err(e),
     };
-    tables.counters.operations.fetch_add(1, Ordering::Relaxed);
+    tables.counters.operations.inc();
     Ok((result, changed))
 }
 

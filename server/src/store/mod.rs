@@ -14,6 +14,7 @@
 //! on when its purge (or TTL monitor, or key expiry) runs.
 
 pub mod embedded;
+pub mod metered;
 pub mod mongodb;
 pub mod redis;
 
@@ -159,6 +160,9 @@ pub enum StoreError {
     Closed,
     #[error("the store is unavailable: {0}")]
     Unavailable(String),
+    /// A shared store did not answer within `--store-timeout`.
+    #[error("the store did not answer in time: {0}")]
+    TimedOut(String),
     #[error("a stored entry cannot be decoded: {0}")]
     Corrupt(String),
 }
@@ -262,6 +266,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// A cheap round trip through the store, for `/-/ready`.
     async fn ready(&self) -> Result<(), StoreError>;
+
+    /// Add the store's own metrics to the server's (`GET /metrics`); the default has none.
+    fn register_metrics(&self, registry: &prometheus::Registry) {
+        let _ = registry;
+    }
 
     /// Delete up to `limit` entries whose expiry has passed; returns how many expired entries
     /// it went through (`limit` means there may be more: call again). Only for stores

@@ -295,7 +295,7 @@ impl MongoStore {
     ) -> Result<T, Failure> {
         match tokio::time::timeout(self.timeout, call).await {
             Ok(result) => result.map_err(|e| classify(&e)),
-            Err(_) => Err(Failure::Transient(format!(
+            Err(_) => Err(Failure::TimedOut(format!(
                 "no answer within {:?}",
                 self.timeout
             ))),
@@ -751,6 +751,8 @@ pub enum Failure {
     /// Retrying cannot help (refused credentials, a bad URI, a conflicting index, a MongoDB
     /// older than the driver supports): a 503, and at start, a failure at once.
     Permanent(String),
+    /// No answer within `--store-timeout`: a 503, and at start, worth retrying.
+    TimedOut(String),
 }
 
 impl From<Failure> for StoreError {
@@ -763,6 +765,7 @@ impl From<Failure> for StoreError {
                 StoreError::Unavailable("a document would exceed MongoDB's 16 MiB".into())
             }
             Failure::Transient(why) | Failure::Permanent(why) => StoreError::Unavailable(why),
+            Failure::TimedOut(why) => StoreError::TimedOut(why),
         }
     }
 }
@@ -875,7 +878,7 @@ fn start_failure(error: MongoError) -> StartAttempt {
             StartAttempt::Fatal(why)
         }
         Failure::DuplicateKey | Failure::TooLarge => StartAttempt::Fatal(error.kind.to_string()),
-        Failure::Transient(why) => StartAttempt::Transient(why),
+        Failure::Transient(why) | Failure::TimedOut(why) => StartAttempt::Transient(why),
         Failure::Permanent(why) => StartAttempt::Fatal(why),
     }
 }

@@ -288,11 +288,9 @@ impl RedisStore {
             } else {
                 Duration::ZERO
             };
-        tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
-            Err(StoreError::Unavailable(format!(
-                "no answer within {limit:?}"
-            )))
-        })
+        tokio::time::timeout(limit, call)
+            .await
+            .unwrap_or_else(|_| Err(StoreError::TimedOut(format!("no answer within {limit:?}"))))
     }
 
     /// Run one operation's script (invoked on `key`), read its answer with `parse`, and when

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod fake_mongod;
+pub mod prometheus;
 pub mod redis_server;
 
 use std::future::Future;
@@ -340,6 +341,12 @@ pub fn binary(args: &[&str], env: &[(&str, &str)]) -> Command {
     for name in CONFIG_ENV {
         command.env_remove(name);
     }
+    // OpenTelemetry's settings too: a collector configured on this machine is not the test's.
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("OTEL_") {
+            command.env_remove(name);
+        }
+    }
     command.args(args).envs(env.iter().copied());
     command
 }
@@ -406,7 +413,9 @@ impl ServerProcess {
         ];
         all.extend_from_slice(args);
         let mut env = env.to_vec();
-        env.push(("RUST_LOG", "info,idempotency_server=debug"));
+        if !env.iter().any(|(name, _)| *name == "RUST_LOG") {
+            env.push(("RUST_LOG", "info,idempotency_server=debug"));
+        }
         let mut child = binary(&all, &env)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
