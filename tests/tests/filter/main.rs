@@ -12,7 +12,11 @@ mod config;
 mod disconnect;
 mod envoy;
 mod load;
+mod observability;
 mod problems;
+/// The strict reader of Prometheus text the backend's tests use.
+#[path = "../../../server/tests/common/prometheus.rs"]
+mod prometheus;
 mod queue;
 mod recording;
 mod release;
