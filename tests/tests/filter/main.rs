@@ -9,6 +9,7 @@ mod backend;
 mod bodies;
 mod concurrency;
 mod config;
+mod deploy;
 mod disconnect;
 mod envoy;
 mod load;
