@@ -34,6 +34,16 @@ pub fn is_hop_by_hop(name: &str, connection_tokens: &[String]) -> bool {
             .any(|t| name.eq_ignore_ascii_case(t))
 }
 
+/// Response headers never stored nor replayed, whatever the configuration: a session cookie
+/// is a credential, which must not sit in the backend's store, nor be handed out again from
+/// it.
+const NEVER_STORED: &[&str] = &["set-cookie", "set-cookie2"];
+
+/// Whether a response header is never stored or replayed because it carries a credential.
+pub fn is_credential(name: &str) -> bool {
+    NEVER_STORED.iter().any(|h| name.eq_ignore_ascii_case(h))
+}
+
 /// The header names listed in the `Connection` headers.
 pub fn connection_tokens<'a>(headers: impl Iterator<Item = (&'a str, &'a str)>) -> Vec<String> {
     headers
@@ -76,7 +86,7 @@ impl CaptureBuf {
             .and_then(|(_, v)| v.trim().parse::<u64>().ok());
         let limit = usize::try_from(limit).unwrap_or(usize::MAX);
         let overflow = content_length.is_some_and(|cl| cl > limit as u64);
-        headers.retain(|(n, _)| !is_hop_by_hop(n, &tokens));
+        headers.retain(|(n, _)| !is_hop_by_hop(n, &tokens) && !is_credential(n));
         CaptureBuf {
             status,
             headers,
@@ -292,14 +302,16 @@ mod tests {
     }
 
     #[test]
-    fn copies_headers_without_hop_by_hop_and_keeps_repeats() {
+    fn copies_headers_without_hop_by_hop_nor_cookies_and_keeps_repeats() {
         let c = CaptureBuf::new(
             201,
             h(&[
                 (":status", "201"),
                 ("content-type", "application/octet-stream"),
-                ("set-cookie", "a=1"),
-                ("set-cookie", "b=2"),
+                ("link", "</a>; rel=preload"),
+                ("Set-Cookie", "session=secret"),
+                ("link", "</b>; rel=preload"),
+                ("set-cookie2", "old=1"),
                 ("connection", "keep-alive, x-conn"),
                 ("x-conn", "1"),
                 ("transfer-encoding", "chunked"),
@@ -311,8 +323,8 @@ mod tests {
             c.headers,
             h(&[
                 ("content-type", "application/octet-stream"),
-                ("set-cookie", "a=1"),
-                ("set-cookie", "b=2")
+                ("link", "</a>; rel=preload"),
+                ("link", "</b>; rel=preload")
             ])
         );
         assert_eq!(c.content_length, Some(3));

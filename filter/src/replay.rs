@@ -22,7 +22,7 @@ use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use idempotency_spec::Capture;
 
-use crate::capture::{connection_tokens, is_hop_by_hop};
+use crate::capture::{connection_tokens, is_credential, is_hop_by_hop};
 
 /// A response the filter sends itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,8 +49,8 @@ impl ReplayError {
     }
 }
 
-/// The replay of a stored capture: hop-by-hop headers, `strip_on_replay` and any stored
-/// replay header removed, the replay header (`true`) added.
+/// The replay of a stored capture: hop-by-hop headers, cookies (`Set-Cookie`),
+/// `strip_on_replay` and any stored replay header removed, the replay header (`true`) added.
 pub fn from_capture(
     capture: &Capture,
     strip_on_replay: &[String],
@@ -70,6 +70,8 @@ pub fn from_capture(
         .into_iter()
         .filter(|(n, _)| {
             !is_hop_by_hop(n, &tokens)
+                // Never stored by this filter; an older capture (the old Lua plugin's) may.
+                && !is_credential(n)
                 && !strip_on_replay.iter().any(|s| n.eq_ignore_ascii_case(s))
                 && (replay_header.is_empty() || !n.eq_ignore_ascii_case(replay_header))
                 && crate::config::is_token(n)
@@ -206,12 +208,17 @@ mod tests {
                     value: HeaderValue::One("application/octet-stream".into()),
                 },
                 Header {
-                    key: "Set-Cookie".into(),
-                    value: HeaderValue::One("a=1".into()),
+                    key: "Link".into(),
+                    value: HeaderValue::One("</a>; rel=preload".into()),
                 },
+                // Never stored by this filter; the old Lua plugin's captures may carry one.
                 Header {
                     key: "Set-Cookie".into(),
-                    value: HeaderValue::One("b=2".into()),
+                    value: HeaderValue::One("session=secret".into()),
+                },
+                Header {
+                    key: "Link".into(),
+                    value: HeaderValue::One("</b>; rel=preload".into()),
                 },
                 Header {
                     key: "x-many".into(),
@@ -238,7 +245,7 @@ mod tests {
     }
 
     #[test]
-    fn replay_keeps_everything_but_hop_by_hop_and_stripped() {
+    fn replay_keeps_everything_but_hop_by_hop_cookies_and_stripped() {
         let r = from_capture(
             &capture(&[0, 1, 255]),
             &["x-secret".into()],
@@ -251,14 +258,20 @@ mod tests {
             r.headers,
             h(&[
                 ("Content-Type", "application/octet-stream"),
-                ("Set-Cookie", "a=1"),
-                ("Set-Cookie", "b=2"),
+                ("Link", "</a>; rel=preload"),
+                ("Link", "</b>; rel=preload"),
                 ("x-many", "1"),
                 ("x-many", "2"),
                 ("Idempotent-Replayed", "true"),
             ])
         );
         let off = from_capture(&capture(b""), &[], "").unwrap();
+        assert!(
+            !off.headers
+                .iter()
+                .any(|(n, _)| n.eq_ignore_ascii_case("set-cookie")),
+            "a stored cookie is never replayed, whatever the configuration"
+        );
         assert!(
             off.headers
                 .iter()
@@ -301,8 +314,8 @@ mod tests {
             status: 201,
             headers: h(&[
                 ("content-type", "application/octet-stream"),
-                ("set-cookie", "a=1"),
-                ("set-cookie", "b=2"),
+                ("link", "</a>"),
+                ("link", "</b>"),
                 ("idempotent-replayed", "true"),
             ]),
             body: b"0123456789".to_vec(),
@@ -311,11 +324,11 @@ mod tests {
 
     #[test]
     fn kong_headers_are_fixed() {
-        // What ngx_wasm_module emits: last Set-Cookie only, Content-Length + 1 for the LF.
+        // What ngx_wasm_module emits: last of a repeated header only, Content-Length + 1 for the LF.
         let present = h(&[
             (":status", "201"),
             ("content-type", "application/octet-stream"),
-            ("set-cookie", "b=2"),
+            ("link", "</b>"),
             ("idempotent-replayed", "true"),
             ("content-length", "11"),
             ("server", "kong"),
@@ -323,9 +336,9 @@ mod tests {
         assert_eq!(
             header_fixups(&present, &reply()),
             vec![
-                HeaderOp::Remove("set-cookie".into()),
-                HeaderOp::Add("set-cookie".into(), "a=1".into()),
-                HeaderOp::Add("set-cookie".into(), "b=2".into()),
+                HeaderOp::Remove("link".into()),
+                HeaderOp::Add("link".into(), "</a>".into()),
+                HeaderOp::Add("link".into(), "</b>".into()),
                 HeaderOp::Remove("content-length".into()),
             ]
         );
@@ -334,8 +347,8 @@ mod tests {
         r.headers.retain(|(n, _)| n != "content-type");
         let present = h(&[
             ("content-type", "text/plain"),
-            ("set-cookie", "a=1"),
-            ("set-cookie", "b=2"),
+            ("link", "</a>"),
+            ("link", "</b>"),
             ("idempotent-replayed", "true"),
             ("content-length", "10"),
         ]);
@@ -350,8 +363,8 @@ mod tests {
         let present = h(&[
             (":status", "201"),
             ("content-type", "application/octet-stream"),
-            ("set-cookie", "a=1"),
-            ("set-cookie", "b=2"),
+            ("link", "</a>"),
+            ("link", "</b>"),
             ("idempotent-replayed", "true"),
             ("content-length", "10"),
         ]);

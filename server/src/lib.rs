@@ -14,7 +14,7 @@
 //! | [`api`] | every route, the handlers, the body extractor, the bearer-token check |
 //! | [`error`] | the one error type, rendered as RFC 9457 problem+json with the old `error` member |
 //! | [`store`] | the [`Store`] trait, the outcomes, and the pure per-key state machine |
-//! | [`store::embedded`] | redb in the data dir, one writer thread with group commit through a journal, the dir lock |
+//! | [`store::embedded`] | redb in the data dir, one writer thread with group commit through a journal, the dir lock; opened again in place after a failed write |
 //! | [`store::redis`] | Redis or Redis Cluster: one hash per key, one Lua script per operation |
 //! | [`store::mongodb`] | MongoDB: one document per key, one atomic command per operation |
 //! | [`wait`] | `wait_ms`: per-key notifications in this process plus polling with backoff |
@@ -68,7 +68,7 @@ use tokio::sync::watch;
 use config::non_empty;
 pub use config::{Config, StoreKind};
 pub use store::Store;
-pub use store::embedded::{EmbeddedOptions, EmbeddedStore};
+pub use store::embedded::{EmbeddedOptions, EmbeddedStore, Reopening};
 pub use store::mongodb::{MongoOptions, MongoStore};
 pub use store::redis::{RedisOptions, RedisStore, RedisTarget};
 
@@ -93,10 +93,12 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     match config.store_kind() {
         StoreKind::Embedded => {
             let options = EmbeddedOptions::new(&config.data_dir);
-            let store = tokio::task::spawn_blocking(move || EmbeddedStore::open(options))
+            let opening = options.clone();
+            let store = tokio::task::spawn_blocking(move || EmbeddedStore::open(opening))
                 .await
                 .context("opening the embedded store")??;
-            Ok(Arc::new(store))
+            // Opened again in place after a failed write (a full or read-only disk).
+            Ok(Arc::new(Reopening::new(store, options)))
         }
         StoreKind::Redis => Ok(Arc::new(RedisStore::open(redis_options(config)).await?)),
         StoreKind::Mongodb => Ok(Arc::new(MongoStore::open(mongo_options(config)).await?)),

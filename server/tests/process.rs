@@ -179,13 +179,17 @@ async fn sigterm_finishes_the_request_in_flight_then_exits_0() {
                 .await
         })
     };
-    // The server says it is waiting: the request is in flight.
-    server
+    // The server says it is waiting: the request is in flight. (It names the key by its
+    // digest, the one the filter logs too, never by itself.)
+    let waiting = server
         .log_line(|l| {
             l["fields"]["message"] == "waiting for the holder of the key"
                 && l["fields"]["key"] == idempotency_spec::key_digest("held")
         })
         .await;
+    let digest = waiting["fields"]["key"].as_str().unwrap_or_default();
+    assert_eq!(digest.len(), 12, "{waiting}");
+    assert!(!digest.contains("held"), "{waiting}");
     server.signal(libc::SIGTERM);
     // The request in flight gets its full answer (the key's state now: still in flight)...
     let answer = waiter.await.unwrap();
@@ -205,4 +209,95 @@ async fn sigterm_finishes_the_request_in_flight_then_exits_0() {
         .allocate(json!({ "idempotency_key": "held" }))
         .await;
     assert_eq!(answer.status, 409);
+}
+
+/// At the most verbose level (`RUST_LOG=trace`), through every endpoint and its failures, the
+/// binary never logs a key, a lease token, a stored body, or a bearer token (right or wrong).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_log_line_at_any_level_holds_a_key_a_token_or_a_body() {
+    const TOKEN: &str = "canary-api-token-5e1f";
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = ServerProcess::start_with_env(
+        dir.path(),
+        &[],
+        &[("API_TOKEN", TOKEN), ("RUST_LOG", "trace")],
+    )
+    .await;
+    let c = server.client.with_token(TOKEN);
+    let key = "canary-key-0d6b9a";
+    let body = "canary-body-c0ffee";
+    let capture = json!({
+        "response_status": 201,
+        "response_body": body,
+        "response_headers": [{"key": "Content-Type", "value": "text/plain"}]
+    });
+    let lease = c
+        .allocate(json!({"idempotency_key": key, "fingerprint": "canary-print-1"}))
+        .await
+        .lease_token();
+    // A duplicate, a mismatch, a wait that times out, a release with a wrong token.
+    c.allocate(json!({"idempotency_key": key, "fingerprint": "canary-print-1", "wait_ms": 50}))
+        .await
+        .assert_problem(409, idempotency_spec::problem_type::IN_FLIGHT);
+    assert_eq!(
+        c.allocate(json!({"idempotency_key": key, "fingerprint": "canary-print-2"}))
+            .await
+            .status,
+        422
+    );
+    assert_eq!(
+        c.release(json!({"idempotency_key": key, "lease_token": "canary-wrong-lease"}))
+            .await
+            .status,
+        403,
+        "another lease's token"
+    );
+    let recorded = c
+        .record(json!({"idempotency_key": key, "lease_token": lease, "response": capture}))
+        .await;
+    assert_eq!(recorded.status, 200, "{recorded:?}");
+    assert_eq!(
+        c.allocate(json!({"idempotency_key": key})).await.status,
+        200,
+        "replayed"
+    );
+    // A batch, a record of a key never allocated, malformed bodies, a wrong token.
+    let batch = c
+        .send(
+            "POST",
+            "/api/v2/captures/batch",
+            Some(
+                json!({"operations": [
+                    {"op": "record", "idempotency_key": "canary-unallocated-1", "response": capture},
+                    {"op": "release", "idempotency_key": "canary-unallocated-2"}
+                ]})
+                .to_string(),
+            ),
+        )
+        .await;
+    assert_eq!(batch.status, 200, "{batch:?}");
+    for malformed in [
+        "{\"idempotency_key\": [\"canary-array-key\"]}".to_string(),
+        "{\"idempotency_key\": \"canary-bad key with spaces\"}".to_string(),
+        format!("{{\"idempotency_key\": \"{key}\", \"canary-field\": \"canary-value\""),
+    ] {
+        let a = c.send("PUT", "/api/v2/captures", Some(malformed)).await;
+        assert!(matches!(a.status, 400 | 422), "{a:?}");
+    }
+    let wrong = server.client.with_token("canary-wrong-token-77");
+    assert_eq!(
+        wrong.allocate(json!({"idempotency_key": key})).await.status,
+        401
+    );
+    server.signal(libc::SIGTERM);
+    common::wait_for_exit(&mut server.child).await;
+    let lines: Vec<String> = server.all_lines().iter().map(|l| l.to_string()).collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("TRACE") || l.contains("DEBUG")),
+        "the most verbose level was on: {lines:#?}"
+    );
+    let leaks: Vec<&String> = lines.iter().filter(|l| l.contains("canary")).collect();
+    assert!(leaks.is_empty(), "logged: {leaks:#?}");
 }

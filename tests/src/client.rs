@@ -87,9 +87,7 @@ impl ClientRequest {
         let stream = TcpStream::connect(self.addr).await?;
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
+        let _conn = Closer::spawn(conn);
         let mut builder = hyper::Request::builder()
             .method(self.method.as_str())
             .uri(self.path.as_str());
@@ -222,5 +220,28 @@ impl futures_core::Stream for Pieces {
         _: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Self::Item>> {
         std::task::Poll::Ready(self.0.pop_front().map(|b| Ok(hyper::body::Frame::data(b))))
+    }
+}
+
+/// Drives a hyper client connection and closes it when dropped: held for an exchange's
+/// scope, it ends the connection once the exchange is over, whichever way it ends (a
+/// time-out included), however long the server would keep it alive. No socket of the test
+/// host outlives its exchange (ngx closes each call's connection; Envoy would pool it).
+pub struct Closer(tokio::task::JoinHandle<()>);
+
+impl Closer {
+    pub fn spawn<F>(conn: F) -> Closer
+    where
+        F: std::future::Future + Send + 'static,
+    {
+        Closer(tokio::spawn(async move {
+            let _ = conn.await;
+        }))
+    }
+}
+
+impl Drop for Closer {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

@@ -58,9 +58,7 @@ pub async fn perform(mode: Mode, call: DispatchRequest) -> Outcome {
             Ok(x) => x,
             Err(_) => return Outcome::ResetBeforeHeaders,
         };
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
+        let _conn = crate::client::Closer::spawn(conn);
         let host = call.authority.clone().unwrap_or_else(|| addr.to_string());
         let mut builder = Request::builder()
             .method(call.method.as_str())

@@ -330,6 +330,11 @@ pub enum Event {
         by: Duration,
         done: oneshot::Sender<()>,
     },
+    /// The instance traps now, outside any request (what a test injects: a bug of the
+    /// filter, a host that kills the instance): the mode's trap rule applies.
+    Trap {
+        done: oneshot::Sender<()>,
+    },
     /// envoy: a new plugin configuration for the same VM.
     Reconfigure {
         config: Vec<u8>,
@@ -550,6 +555,16 @@ impl Host {
             done,
         });
         wait.await.map_err(|_| anyhow!("the worker is gone"))?
+    }
+
+    /// The instance traps now, as if one of its callbacks had (ngx: it is recycled, and the
+    /// next request starts a new one with fresh memory: whatever the old one queued is
+    /// lost; envoy: the VM fails, and FAIL_RELOAD reloads it after its backoff). Requests
+    /// in flight on it fail at their next step.
+    pub async fn trap_instance(&self) {
+        let (done, wait) = oneshot::channel();
+        self.poster.post(Event::Trap { done });
+        let _ = wait.await;
     }
 
     /// The virtual clock, nanoseconds since the Unix epoch.

@@ -20,6 +20,7 @@
 //! | [`wasi`] | the WASI preview1 functions (stdout/stderr to the log, virtual clock) |
 //! | [`abi`] | guest memory, allocation through the module, pairs serialization, status codes |
 //! | [`rules`] | **the one place where ngx and envoy differ** ([`Mode`]) |
+//! | [`secrets`] | the keys, tokens and bodies a test sent, looked for in the filter's and the backend's logs |
 //! | [`connections`] | ngx: the worker's `worker_connections` slots, and the ones root calls leak |
 //! | [`observed`] | logs, metrics, shared data, fuel, violations (survive an ngx reset) |
 //! | [`exposition`] | the filter's metrics as each host exports them: Kong's Prometheus plugin (`pw_<filter>_<name>`), Envoy's `/stats` (`wasmcustom.<name>`) and `/stats/prometheus` |
@@ -222,6 +223,7 @@ pub mod hostcalls;
 pub mod observed;
 pub mod properties;
 pub mod rules;
+pub mod secrets;
 pub mod traffic;
 pub mod upstream;
 pub mod wasi;

@@ -117,6 +117,8 @@ struct State {
     heads: Vec<String>,
     /// Paths whose answers wait for [`Upstream::release`].
     held: std::collections::HashSet<String>,
+    /// The body of every answer, in order.
+    answered: Vec<Vec<u8>>,
 }
 
 /// The counting upstream.
@@ -205,6 +207,11 @@ impl Upstream {
         self.state.lock().unwrap().seen.clone()
     }
 
+    /// The body of every answer sent (or begun), in order.
+    pub fn response_bodies(&self) -> Vec<Vec<u8>> {
+        self.state.lock().unwrap().answered.clone()
+    }
+
     pub fn total(&self) -> usize {
         self.state.lock().unwrap().seen.len()
     }
@@ -271,12 +278,14 @@ async fn handle(
             body,
         });
         let n = state.seen.len();
-        state
+        let reply = state
             .replies
             .get(&format!("{} {bare}", parts.method))
             .or_else(|| state.replies.get(&bare))
             .cloned()
-            .unwrap_or_else(|| Reply::text(format!("upstream {} {} #{n}", parts.method, bare)))
+            .unwrap_or_else(|| Reply::text(format!("upstream {} {} #{n}", parts.method, bare)));
+        state.answered.push(reply.body.clone());
+        reply
     };
     let with_method = format!("{} {bare}", parts.method);
     loop {

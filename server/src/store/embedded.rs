@@ -48,8 +48,18 @@
 //! `<data-dir>/LOCK` is locked exclusively (`File::try_lock`, an OS lock released when the
 //! process dies, even by SIGKILL) before the database is opened, and holds the owner's pid, so
 //! that a second process fails at once naming the dir and the holder.
+//!
+//! # After a failed write
+//!
+//! A failed write or sync (disk full, read-only, I/O error) stops the store: from then on it
+//! refuses everything (503), since after a failed sync nothing it holds in memory can be
+//! trusted. The server runs it inside [`Reopening`], which then closes it and opens the data
+//! dir again, as a restart would, once a second at most, until that succeeds.
 
 mod journal;
+mod reopen;
+
+pub use reopen::Reopening;
 
 use std::fs::{File, OpenOptions};
 use std::io::Write as _;
@@ -443,6 +453,12 @@ impl EmbeddedStore {
 
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
+    }
+
+    /// A write or a sync failed: the store refuses everything until it is opened again
+    /// ([`Reopening`] does that in place).
+    pub fn has_failed(&self) -> bool {
+        self.shared.failed.load(Ordering::SeqCst)
     }
 
     pub fn stats(&self) -> Stats {

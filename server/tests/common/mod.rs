@@ -12,7 +12,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use idempotency_server::{Config, Store};
@@ -120,9 +120,11 @@ impl Client {
         for (name, value) in headers {
             request = request.header(*name, *value);
         }
+        let body_text = body.clone();
         if let Some(body) = body {
             request = request.body(body);
         }
+        remember_secrets(body_text.as_deref(), self.token.as_deref());
         let response = request.send().await.expect("the server answers");
         let status = response.status().as_u16();
         let headers = response.headers().clone();
@@ -188,6 +190,7 @@ impl TestServer {
 
     /// Start with the binary's defaults, changed by `configure`.
     pub async fn start_with(configure: impl FnOnce(&mut Config)) -> TestServer {
+        watch_waits();
         let dir = tempfile::tempdir().unwrap();
         let mut config = Config::new(dir.path());
         configure(&mut config);
@@ -208,6 +211,7 @@ impl TestServer {
 
     /// Start on a given store (any implementation).
     pub async fn start_on(store: Arc<dyn Store>) -> TestServer {
+        watch_waits();
         let dir = tempfile::tempdir().unwrap();
         let config = Config::new(dir.path());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -230,13 +234,15 @@ impl TestServer {
         }
     }
 
-    /// Shut down gracefully and return the data dir.
+    /// Shut down gracefully and return the data dir; then no log line of this process holds
+    /// a key, token or body that a client sent.
     pub async fn stop(mut self) -> TempDir {
         let _ = self.stop.take().unwrap().send(());
         (&mut self.task)
             .await
             .expect("the server task")
             .expect("a clean shutdown");
+        assert_nothing_sent_was_logged();
         self.dir
     }
 }
@@ -259,54 +265,65 @@ where
     }
 }
 
-/// The keys the in-process server has started to wait on (`wait_ms`), from its debug log.
-static WAITING: Mutex<Vec<String>> = Mutex::new(Vec::new());
-
-/// Listen to this process's log for "waiting for the holder of the key" (once per test binary).
+/// Capture this process's log (once per test binary): every in-process server's events, at
+/// every level, for [`waiting_on`] and for the scan of what must never be logged
+/// ([`assert_nothing_sent_was_logged`]).
 pub fn watch_waits() {
-    use tracing_subscriber::layer::SubscriberExt as _;
-    use tracing_subscriber::util::SubscriberInitExt as _;
-    static INSTALLED: OnceLock<()> = OnceLock::new();
-    INSTALLED.get_or_init(|| {
-        let _ = tracing_subscriber::registry().with(WaitLog).try_init();
-    });
+    idempotency_tests::secrets::capture_backend_logs();
 }
 
 /// Wait until the in-process server waits on `key`: the synchronisation point of the wait_ms
 /// tests (the holder acts only once the waiter is known to wait). The log names the key by
-/// its digest only.
+/// its digest, never by itself.
 pub async fn waiting_on(key: &str) {
-    let digest = idempotency_spec::key_digest(key);
+    let wanted = format!("key={}", idempotency_spec::key_digest(key));
     eventually(&format!("a wait on {key}"), || async {
-        WAITING.lock().unwrap().contains(&digest).then_some(())
+        idempotency_tests::secrets::backend_lines()
+            .iter()
+            .any(|l| l.contains("waiting for the holder of the key") && l.contains(&wanted))
+            .then_some(())
     })
     .await
 }
 
-struct WaitLog;
+/// Everything the tests' clients sent that must never be logged: keys, lease tokens, the
+/// stored bodies, bearer tokens (see [`Client::send_with`]).
+static SENT: Mutex<Option<idempotency_tests::secrets::Secrets>> = Mutex::new(None);
 
-impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for WaitLog {
-    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
-        #[derive(Default)]
-        struct Fields {
-            message: String,
-            key: String,
-        }
-        impl tracing::field::Visit for Fields {
-            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-                match field.name() {
-                    "message" => self.message = format!("{value:?}"),
-                    "key" => self.key = format!("{value:?}"),
-                    _ => {}
+fn remember_secrets(body: Option<&str>, token: Option<&str>) {
+    fn walk(v: &Value, into: &mut idempotency_tests::secrets::Secrets) {
+        match v {
+            Value::Object(map) => {
+                for (k, v) in map {
+                    if let ("idempotency_key" | "lease_token" | "response_body", Value::String(s)) =
+                        (k.as_str(), v)
+                    {
+                        into.add(s);
+                    }
+                    walk(v, into);
                 }
             }
-        }
-        let mut fields = Fields::default();
-        event.record(&mut fields);
-        if fields.message == "waiting for the holder of the key" {
-            WAITING.lock().unwrap().push(fields.key);
+            Value::Array(items) => items.iter().for_each(|v| walk(v, into)),
+            _ => {}
         }
     }
+    let mut sent = SENT.lock().unwrap();
+    let secrets = sent.get_or_insert_with(Default::default);
+    if let Some(body) = body
+        && let Ok(v) = serde_json::from_str::<Value>(body)
+    {
+        walk(&v, secrets);
+    }
+    if let Some(token) = token {
+        secrets.add(token);
+    }
+}
+
+/// No in-process server logged anything the tests' clients sent (so far, in this process).
+pub fn assert_nothing_sent_was_logged() {
+    let secrets = SENT.lock().unwrap().clone().unwrap_or_default();
+    let lines = idempotency_tests::secrets::backend_lines();
+    secrets.assert_not_in("backend", lines.iter().map(String::as_str));
 }
 
 /// Every setting's environment variable: cleared for child processes, so that the machine's
@@ -474,6 +491,15 @@ impl ServerProcess {
                 Err(_) => panic!("no such log line in time: {:#?}", self.lines),
             }
         }
+    }
+
+    /// Every line logged so far, reading what has not been read yet (after a request, its
+    /// lines may still be on their way: call once the process has exited for all of them).
+    pub fn all_lines(&mut self) -> Vec<Value> {
+        while let Ok(line) = self.log.try_recv() {
+            self.lines.push(line);
+        }
+        self.lines.clone()
     }
 
     pub fn pid(&self) -> u32 {

@@ -79,6 +79,23 @@ impl RedisServer {
         let _ = self.child.wait();
     }
 
+    /// SIGSTOP: the process stops answering, its connections stay open (a Redis stalled by
+    /// a fork, a swap storm, a paused VM).
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// SIGCONT: it carries on with what it had received.
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+        let result = unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+        assert_eq!(result, 0, "kill({signal})");
+    }
+
     /// Start again on the same port and directory (after [`RedisServer::kill`]).
     pub async fn restart(&mut self) {
         self.kill();

@@ -292,7 +292,7 @@ impl Worker {
     fn spin(&mut self, event: Event) {
         match event {
             Event::ClientRequest { down, .. } => self.hung_clients.push(down),
-            Event::Advance { done, .. } => drop(done.send(())),
+            Event::Advance { done, .. } | Event::Trap { done } => drop(done.send(())),
             Event::Reconfigure { done, .. } => {
                 drop(done.send(Err(anyhow::anyhow!("the worker hangs"))))
             }
@@ -381,6 +381,19 @@ impl Worker {
             } => self.call_done(generation, token, outcome),
             Event::Advance { by, done } => {
                 self.advance(by);
+                let _ = done.send(());
+            }
+            Event::Trap { done } => {
+                if self.vm.as_ref().is_some_and(|vm| !vm.trapped) {
+                    if let Some(vm) = self.vm.as_mut() {
+                        vm.trapped = true;
+                    }
+                    self.trap(
+                        None,
+                        "proxy_on_tick",
+                        "unreachable (injected by the test)".into(),
+                    );
+                }
                 let _ = done.send(());
             }
             Event::Reconfigure { config, done } => {

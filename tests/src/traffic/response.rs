@@ -666,9 +666,7 @@ async fn forward(
     let Ok((mut sender, conn)) = hyper::client::conn::http1::handshake(io).await else {
         return poster.post(failed(false));
     };
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
+    let _conn = crate::client::Closer::spawn(conn);
     let mut builder = hyper::Request::builder()
         .method(method.as_str())
         .uri(path.as_str());

@@ -6,20 +6,14 @@
 //! same digest as the backend's span, never the key, a token or a body.
 //!
 //! The backend's spans are read with the SDK's in-memory exporter behind the backend's own
-//! trace layer (`idempotency_server::logging::trace_layer`), installed once for the whole test
-//! binary (a subscriber for one thread is not enough: `tracing` caches whether a span is wanted
-//! per call site, for every thread, from whichever thread first reaches it); each mode's test
-//! picks its own spans out by its trace id.
+//! trace layer, in the binary's one subscriber (`support::spans`); each mode's test picks its
+//! own spans out by its trace id.
 
 use idempotency_tests::{Level, Mode, Reply};
-use opentelemetry::trace::TracerProvider as _;
 use opentelemetry::{Array, Value};
-use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
-use std::sync::OnceLock;
+use opentelemetry_sdk::trace::SpanData;
 
 use serde_json::json;
-use tracing_subscriber::layer::SubscriberExt as _;
-use tracing_subscriber::util::SubscriberInitExt as _;
 
 use crate::both_modes;
 use crate::support::{E2e, metric};
@@ -34,23 +28,6 @@ fn trace_of(mode: Mode) -> &'static str {
     }
 }
 
-/// Every span the backends of this test binary made.
-fn exporter() -> &'static InMemorySpanExporter {
-    static EXPORTER: OnceLock<InMemorySpanExporter> = OnceLock::new();
-    EXPORTER.get_or_init(|| {
-        let exporter = InMemorySpanExporter::default();
-        let provider = SdkTracerProvider::builder()
-            .with_simple_exporter(exporter.clone())
-            .build();
-        tracing_subscriber::registry()
-            .with(idempotency_server::logging::trace_layer(
-                provider.tracer("e2e"),
-            ))
-            .try_init()
-            .expect("the only subscriber of the test binary");
-        exporter
-    })
-}
 const CLIENT_KEY: &str = "order-7f3a-must-never-show";
 const CLIENT_TOKEN: &str = "Bearer client-token-must-never-show";
 const BODY: &str = "{\"card\":\"body-must-never-show\"}";
@@ -68,7 +45,7 @@ fn text(span: &SpanData, key: &str) -> Option<String> {
 
 /// The spans named `name` in the trace `trace`, or linked to it.
 fn spans(trace: &str, name: &str) -> Vec<SpanData> {
-    exporter()
+    crate::support::spans()
         .get_finished_spans()
         .unwrap()
         .into_iter()
@@ -83,7 +60,6 @@ fn spans(trace: &str, name: &str) -> Vec<SpanData> {
 }
 
 async fn the_gateways_trace_goes_through_the_backend_and_the_logs_name_keys_by_digest(mode: Mode) {
-    exporter();
     let trace = trace_of(mode);
     let t = E2e::start(mode, json!({})).await;
     t.api.reply("/orders", Reply::new(201).body("{\"id\":7}"));

@@ -111,6 +111,8 @@ impl Backend {
     }
 
     fn serve(&mut self, listener: TcpListener) {
+        // Its log lines are scanned for what the tests sent (`E2e::finish`), its spans kept.
+        spans();
         let mut config = idempotency_server::Config::new(&self.dir);
         // Never MongoDB, whatever MONGODB_URI says.
         config.store = Some(idempotency_server::StoreKind::Embedded);
@@ -215,6 +217,12 @@ impl Setup {
 
     pub async fn start(self) -> E2e {
         let api = Upstream::start().await;
+        // What must never be logged: the backend tokens (and, at the end, the traffic).
+        let log_mark = idempotency_tests::secrets::backend_mark();
+        let mut tokens: Vec<String> = config_token(&self.config).into_iter().collect();
+        if let Target::BackendWithToken(token) = self.target {
+            tokens.push(token.to_string());
+        }
         let (backend, addr) = match self.target {
             Target::Backend => {
                 let b = Backend::start().await;
@@ -250,6 +258,8 @@ impl Setup {
             backend,
             host: Some(host),
             tick,
+            tokens,
+            log_mark,
         }
     }
 }
@@ -267,6 +277,14 @@ pub struct E2e {
     pub backend: Option<Backend>,
     host: Option<Host>,
     pub tick: Duration,
+    /// The backend tokens of the set-up (never logged).
+    tokens: Vec<String>,
+    /// Where the backend's log lines of this test start.
+    log_mark: usize,
+}
+
+fn config_token(config: &Value) -> Option<String> {
+    config["server"]["token"].as_str().map(str::to_string)
 }
 
 impl Drop for E2e {
@@ -341,9 +359,16 @@ impl E2e {
         self.host().metric(name).map_or(0, |m| m.value)
     }
 
-    /// Settles, checks that no host rule was broken (`Host::finish`), stops the backend.
+    /// Settles, checks that no host rule was broken (`Host::finish`) and that neither the
+    /// filter nor the backend logged a key, a token or a body of the test, stops the backend.
     pub async fn finish(mut self) {
         if let Some(host) = self.host.take() {
+            host.settle().await;
+            let mut secrets = idempotency_tests::secrets::Secrets::of_traffic(&self.api);
+            for token in &self.tokens {
+                secrets.add(token);
+            }
+            idempotency_tests::secrets::assert_not_logged(&host, self.log_mark, &secrets);
             host.finish().await;
         }
         if let Some(mut b) = self.backend.take() {
@@ -421,4 +446,32 @@ pub fn entity_headers(r: &ClientResponse) -> Vec<(String, String)> {
         })
         .cloned()
         .collect()
+}
+
+/// The one `tracing` subscriber of this test binary, installed by the first backend: every
+/// backend log event for the secrets scan (`idempotency_tests::secrets`), and every backend
+/// span, through the backend's own trace layer (`idempotency_server::logging::trace_layer`),
+/// into the OpenTelemetry SDK's in-memory exporter (observability.rs picks its spans out by
+/// trace id). One for the whole binary: `tracing` caches per call site, for every thread,
+/// whether an event or span is wanted.
+pub fn spans() -> &'static opentelemetry_sdk::trace::InMemorySpanExporter {
+    use opentelemetry::trace::TracerProvider as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    static EXPORTER: std::sync::OnceLock<opentelemetry_sdk::trace::InMemorySpanExporter> =
+        std::sync::OnceLock::new();
+    EXPORTER.get_or_init(|| {
+        let exporter = opentelemetry_sdk::trace::InMemorySpanExporter::default();
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+            .with_simple_exporter(exporter.clone())
+            .build();
+        tracing_subscriber::registry()
+            .with(idempotency_tests::secrets::capture_layer())
+            .with(idempotency_server::logging::trace_layer(
+                provider.tracer("e2e"),
+            ))
+            .try_init()
+            .expect("the only subscriber of the test binary");
+        exporter
+    })
 }
