@@ -168,6 +168,29 @@ struct Counters {
     checkpoint_commit: Histogram,
 }
 
+impl Counters {
+    /// Adds them to the server's metrics (`GET /metrics`).
+    fn register(&self, registry: &prometheus::Registry) {
+        let c = self.clone();
+        let collectors: [Box<dyn prometheus::core::Collector>; 9] = [
+            Box::new(c.operations),
+            Box::new(c.reads),
+            Box::new(c.batches),
+            Box::new(c.commits),
+            Box::new(c.syncs),
+            Box::new(c.checkpoints),
+            Box::new(c.purged),
+            Box::new(c.batch_operations),
+            Box::new(c.commit),
+        ];
+        for collector in collectors {
+            if let Err(e) = registry.register(collector) {
+                tracing::warn!(error = %e, "the embedded store's metrics are registered already");
+            }
+        }
+    }
+}
+
 impl Default for Counters {
     fn default() -> Counters {
         let counter = |name: &str, help: &str| {
@@ -341,6 +364,14 @@ impl EmbeddedStore {
     /// journal's records since its last durable commit, and start the writer and syncer
     /// threads. Blocking: call it from `spawn_blocking` inside a runtime.
     pub fn open(options: EmbeddedOptions) -> Result<EmbeddedStore, OpenError> {
+        EmbeddedStore::open_counting(options, Counters::default())
+    }
+
+    /// Opens it counting into `counters` (those of a store it replaces: [`Reopening`]).
+    fn open_counting(
+        options: EmbeddedOptions,
+        counters: Counters,
+    ) -> Result<EmbeddedStore, OpenError> {
         let dir = options.data_dir.clone();
         std::fs::create_dir_all(&dir).map_err(|source| OpenError::Io {
             what: "create the data dir",
@@ -403,7 +434,10 @@ impl EmbeddedStore {
         }
 
         let db = Arc::new(db);
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared {
+            counters,
+            ..Shared::default()
+        });
         let (to_syncer, synced) = std::sync::mpsc::channel();
         let sync_file = journal.sync_handle().map_err(journal_io)?;
         let syncer = {
@@ -564,23 +598,7 @@ impl Store for EmbeddedStore {
     }
 
     fn register_metrics(&self, registry: &prometheus::Registry) {
-        let c = self.shared.counters.clone();
-        let collectors: [Box<dyn prometheus::core::Collector>; 9] = [
-            Box::new(c.operations),
-            Box::new(c.reads),
-            Box::new(c.batches),
-            Box::new(c.commits),
-            Box::new(c.syncs),
-            Box::new(c.checkpoints),
-            Box::new(c.purged),
-            Box::new(c.batch_operations),
-            Box::new(c.commit),
-        ];
-        for collector in collectors {
-            if let Err(e) = registry.register(collector) {
-                tracing::warn!(error = %e, "the embedded store's metrics are registered already");
-            }
-        }
+        self.shared.counters.register(registry);
     }
 
     async fn shutdown(&self) -> Result<(), StoreError> {
