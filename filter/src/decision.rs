@@ -8,6 +8,9 @@
 //! again from a call's answer (on Kong that can hang the worker, HOSTS.md bug 2).
 //!
 //! Batch (`POST {prefix}/captures/batch`): each item's status, for the queue.
+//!
+//! Every call of a request carries the request's trace context and id ([`CallContext`]), so
+//! that the backend's span joins the gateway's trace and its log line names the request.
 
 use idempotency_spec::{AllocateRequest, Capture, Header, HeaderValue, problem_type};
 use serde_json::Value;
@@ -189,12 +192,97 @@ pub fn allocate_body(cfg: &Config, key: &str, fingerprint: Option<String>, wait:
     .unwrap_or_default()
 }
 
+/// What a call to the backend passes on of the request it is made for: its W3C trace context
+/// (`traceparent`, and `tracestate` with it) and its `x-request-id`, each only when well
+/// formed (a malformed one is dropped, as W3C Trace Context asks of a traceparent, rather
+/// than passed to the backend's log). Empty for the calls of no single request.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CallContext {
+    pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
+    pub request_id: Option<String>,
+}
+
+impl CallContext {
+    /// From the request's headers (`get` gives a header's value by name).
+    pub fn of<'a>(get: impl Fn(&str) -> Option<&'a [u8]>) -> CallContext {
+        let traceparent = get("traceparent")
+            .filter(|v| is_traceparent(v))
+            .and_then(text);
+        let tracestate = traceparent.as_ref().and(
+            get("tracestate")
+                .filter(|v| v.len() <= 512 && v.iter().all(|b| (0x20..0x7f).contains(b)))
+                .and_then(text),
+        );
+        CallContext {
+            traceparent,
+            tracestate,
+            request_id: get("x-request-id")
+                .filter(|v| !v.is_empty() && v.len() <= 128 && v.iter().all(u8::is_ascii_graphic))
+                .and_then(text),
+        }
+    }
+
+    /// `,"request_id":…,"traceparent":…` for a batch item (nothing when there is neither).
+    pub fn batch_fields(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (name, value) in [
+            ("request_id", &self.request_id),
+            ("traceparent", &self.traceparent),
+        ] {
+            if let Some(value) = value
+                && let Ok(quoted) = serde_json::to_vec(value)
+            {
+                out.extend_from_slice(b",\"");
+                out.extend_from_slice(name.as_bytes());
+                out.extend_from_slice(b"\":");
+                out.extend_from_slice(&quoted);
+            }
+        }
+        out
+    }
+}
+
+fn text(bytes: &[u8]) -> Option<String> {
+    std::str::from_utf8(bytes).ok().map(str::to_owned)
+}
+
+fn hex(bytes: &[u8]) -> bool {
+    bytes
+        .iter()
+        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b))
+}
+
+/// A W3C traceparent: `version-trace_id-parent_id-flags` in lowercase hex (2-32-16-2), not
+/// version `ff`, neither id all zeros; a later version may add fields after a `-`.
+fn is_traceparent(value: &[u8]) -> bool {
+    if value.len() < 55 || value.len() > 256 {
+        return false;
+    }
+    let (head, rest) = value.split_at(55);
+    let fields: Vec<&[u8]> = head.split(|b| *b == b'-').collect();
+    let [version, trace, parent, flags] = fields.as_slice() else {
+        return false;
+    };
+    let zero = |f: &[u8]| f.iter().all(|b| *b == b'0');
+    version.len() == 2
+        && trace.len() == 32
+        && parent.len() == 16
+        && flags.len() == 2
+        && [*version, *trace, *parent, *flags].into_iter().all(hex)
+        && *version != b"ff"
+        && !zero(trace)
+        && !zero(parent)
+        && (rest.is_empty() || (*version != b"00" && rest.first() == Some(&b'-')))
+}
+
 /// The headers of a call to the backend.
 pub fn call_headers<'a>(
     method: &'a str,
     path: &'a str,
     authority: &'a str,
     bearer: Option<&'a str>,
+    context: &CallContext,
 ) -> Vec<(&'static str, String)> {
     let mut h = vec![
         (":method", method.to_string()),
@@ -205,6 +293,15 @@ pub fn call_headers<'a>(
     ];
     if let Some(t) = bearer {
         h.push(("authorization", format!("Bearer {t}")));
+    }
+    for (name, value) in [
+        ("traceparent", &context.traceparent),
+        ("tracestate", &context.tracestate),
+        ("x-request-id", &context.request_id),
+    ] {
+        if let Some(value) = value {
+            h.push((name, value.clone()));
+        }
     }
     h
 }
@@ -381,13 +478,79 @@ mod tests {
 
     #[test]
     fn call_headers_include_bearer_when_set() {
-        let h = call_headers("PUT", "/api/v2/captures", "b:1", Some("tok"));
+        let none = CallContext::default();
+        let h = call_headers("PUT", "/api/v2/captures", "b:1", Some("tok"), &none);
         assert!(h.contains(&(":authority", "b:1".to_string())));
         assert!(h.contains(&("authorization", "Bearer tok".to_string())));
         assert!(
-            !call_headers("PUT", "/p", "a", None)
+            !call_headers("PUT", "/p", "a", None, &none)
                 .iter()
                 .any(|(n, _)| *n == "authorization")
+        );
+    }
+
+    const TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    fn context(headers: &[(&str, &str)]) -> CallContext {
+        CallContext::of(|name| {
+            headers
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| v.as_bytes())
+        })
+    }
+
+    #[test]
+    fn the_requests_trace_context_and_id_go_with_its_calls() {
+        let cx = context(&[
+            ("traceparent", TP),
+            ("tracestate", "vendor=1"),
+            ("x-request-id", "req-1"),
+        ]);
+        let h = call_headers("PUT", "/p", "a", None, &cx);
+        assert!(h.contains(&("traceparent", TP.to_string())));
+        assert!(h.contains(&("tracestate", "vendor=1".to_string())));
+        assert!(h.contains(&("x-request-id", "req-1".to_string())));
+        assert_eq!(
+            String::from_utf8(cx.batch_fields()).unwrap(),
+            format!(r#","request_id":"req-1","traceparent":"{TP}""#)
+        );
+        assert!(CallContext::default().batch_fields().is_empty());
+        assert!(call_headers("PUT", "/p", "a", None, &CallContext::default()).len() == 5);
+    }
+
+    #[test]
+    fn only_well_formed_trace_contexts_and_ids_are_passed_on() {
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "00_4bf92f3577b34da6a3ce929d0e0e4736_00f067aa0ba902b7_01",
+        ] {
+            let cx = context(&[("traceparent", bad), ("tracestate", "a=1")]);
+            assert_eq!(cx.traceparent, None, "{bad:?}");
+            // No tracestate without its traceparent.
+            assert_eq!(cx.tracestate, None, "{bad:?}");
+        }
+        // A later version may carry more.
+        let later = "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-more";
+        assert!(context(&[("traceparent", later)]).traceparent.is_some());
+        for bad in ["", "a b", "é", &"x".repeat(129)] {
+            assert_eq!(
+                context(&[("x-request-id", bad)]).request_id,
+                None,
+                "{bad:?}"
+            );
+        }
+        // An id with quotes is escaped in a batch item, never spliced raw.
+        let quoted = context(&[("x-request-id", r#"a"b\c"#)]);
+        assert_eq!(
+            String::from_utf8(quoted.batch_fields()).unwrap(),
+            r#","request_id":"a\"b\\c""#
         );
     }
 }

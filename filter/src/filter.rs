@@ -14,6 +14,10 @@
 //!   one allocation with `wait_ms` from the start).
 //! - `send_http_response` only in request phases and `on_http_call_response`; the response
 //!   callbacks of a local reply only apply the fix-ups of [`crate::replay`].
+//!
+//! Every call of a request carries its trace context and id ([`CallContext`]); each decision on a
+//! keyed request is one line at info naming the key by its digest only (never the key, a
+//! token or a body), the details at debug.
 
 use std::rc::Rc;
 
@@ -23,7 +27,7 @@ use proxy_wasm::types::{Action, BufferType, LogLevel, MapType};
 
 use crate::capture::{self, CaptureBuf, End};
 use crate::config::{Config, Conflict, OnServerError};
-use crate::decision::{self, Allocation, CallAnswer};
+use crate::decision::{self, Allocation, CallAnswer, CallContext};
 use crate::fingerprint::Fingerprint;
 use crate::host::{self, BodyPlan, Host};
 use crate::key;
@@ -33,7 +37,7 @@ use crate::problem::{self, Kind};
 use crate::queue::{Class, Entry, Op, classify};
 use crate::replay::{self, HeaderOp, LocalReply};
 use crate::scope::{self, ScopeInput};
-use crate::shared::{call_backend, count, enqueue, header_map, log, now_ms};
+use crate::shared::{call_backend, count, enqueue, header_map, log, logs, now_ms};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -69,6 +73,8 @@ pub struct Http {
     inline_call: Option<(Op, Vec<u8>)>,
     reply: Option<LocalReply>,
     reply_out: usize,
+    /// The request's trace context and id, passed on with its calls.
+    context: CallContext,
 }
 
 impl Http {
@@ -87,6 +93,33 @@ impl Http {
             inline_call: None,
             reply: None,
             reply_out: 0,
+            context: CallContext::default(),
+        }
+    }
+
+    // ----- logs -----
+
+    /// `; key=<digest> request_id=<id>`: what names this request in a log line (the key only
+    /// by its digest, the one the backend logs), or nothing.
+    fn about(&self) -> String {
+        let mut about = Vec::new();
+        if !self.key.is_empty() {
+            about.push(format!("key={}", idempotency_spec::key_digest(&self.key)));
+        }
+        if let Some(id) = &self.context.request_id {
+            about.push(format!("request_id={id}"));
+        }
+        if about.is_empty() {
+            String::new()
+        } else {
+            format!("; {}", about.join(" "))
+        }
+    }
+
+    /// One line at `level` about this request, when the host keeps it.
+    fn note(&self, level: LogLevel, what: &str) {
+        if logs(level) {
+            log(level, &format!("{what}{}", self.about()));
         }
     }
 
@@ -119,7 +152,7 @@ impl Http {
     fn server_error(&mut self, cfg: &Config, reason: &str) -> Action {
         match cfg.on_server_error {
             OnServerError::Reject => {
-                log(
+                self.note(
                     LogLevel::Warn,
                     &format!("backend error, answering 503: {reason}"),
                 );
@@ -131,7 +164,7 @@ impl Http {
                 )
             }
             OnServerError::Pass => {
-                log(
+                self.note(
                     LogLevel::Warn,
                     &format!("backend error, forwarding without idempotency: {reason}"),
                 );
@@ -153,6 +186,7 @@ impl Http {
         if !std::str::from_utf8(method).is_ok_and(|m| cfg.applies_to(m)) {
             return Action::Continue;
         }
+        self.context = CallContext::of(get);
         if get("content-type").is_some_and(|ct| {
             ct.get(..16)
                 .is_some_and(|p| p.eq_ignore_ascii_case(b"application/grpc"))
@@ -161,6 +195,7 @@ impl Http {
             // Envoy turns any local reply to a gRPC request into a trailers-only one: a replay
             // could not be exact, so the request passes untouched.
             count(Metric::Grpc);
+            self.note(LogLevel::Debug, "gRPC: passed untouched");
             return Action::Continue;
         }
         let values: Vec<&[u8]> = headers
@@ -171,16 +206,19 @@ impl Http {
         let raw = match values.as_slice() {
             [] if cfg.require_key => {
                 count(Metric::MissingKey);
+                self.note(LogLevel::Info, "missing key: 400");
                 let detail = format!("this request requires an {} header", cfg.header);
                 return self.send_problem(Kind::MissingKey, &detail, None);
             }
             [] => {
                 count(Metric::NoKey);
+                self.note(LogLevel::Debug, "no key: passed untouched");
                 return Action::Continue;
             }
             [one] => *one,
             _ => {
                 count(Metric::InvalidKey);
+                self.note(LogLevel::Info, "invalid key (repeated header): 400");
                 let detail = format!("the {} header is repeated", cfg.header);
                 return self.send_problem(Kind::InvalidKey, &detail, None);
             }
@@ -189,6 +227,7 @@ impl Http {
             Ok(k) => k,
             Err(e) => {
                 count(Metric::InvalidKey);
+                self.note(LogLevel::Info, "invalid key: 400");
                 return self.send_problem(Kind::InvalidKey, e.detail(), None);
             }
         };
@@ -225,6 +264,7 @@ impl Http {
             // asked: refuse it rather than let it pass unallocated (README, Problems).
             if self.content_length.is_none() && get("transfer-encoding").is_some() {
                 count(Metric::LengthRequired);
+                self.note(LogLevel::Info, "body of unknown length: 411");
                 return self.send_problem(
                     Kind::LengthRequired,
                     "send this request with a Content-Length: on this gateway a body of unknown length cannot be fingerprinted before it is forwarded",
@@ -265,6 +305,7 @@ impl Http {
 
     fn too_large(&mut self, cfg: &Config) -> Action {
         count(Metric::TooLarge);
+        self.note(LogLevel::Info, "body too large: 413");
         let detail = format!(
             "the request body is larger than this route's limit of {} bytes",
             cfg.max_request_body_bytes
@@ -275,6 +316,7 @@ impl Http {
     /// Kong: nginx spooled the body to a temporary file, which a filter cannot read.
     fn spooled(&mut self, cfg: &Config) -> Action {
         count(Metric::TooLarge);
+        self.note(LogLevel::Info, "body spooled to a file by the host: 413");
         let detail = problem::spooled_detail(cfg.max_request_body_bytes);
         self.send_problem(Kind::BodySpooled, &detail, None)
     }
@@ -334,8 +376,17 @@ impl Http {
             &cfg.server.captures_path,
             &body,
             timeout,
+            &self.context,
         ) {
             Ok(_) => {
+                self.note(
+                    LogLevel::Debug,
+                    if wait {
+                        "allocating, waiting for a holder (conflict: wait)"
+                    } else {
+                        "allocating"
+                    },
+                );
                 self.phase = Phase::Allocating;
                 Action::Pause
             }
@@ -350,6 +401,7 @@ impl Http {
         match decision::allocation(answer) {
             Allocation::Proceed { lease_token } => {
                 count(Metric::Allocated);
+                self.note(LogLevel::Info, "allocated: to the upstream");
                 self.lease = Some(lease_token);
                 self.phase = Phase::Proxying;
                 Action::Continue
@@ -364,6 +416,18 @@ impl Http {
                         } else {
                             Metric::Replayed
                         });
+                        self.note(
+                            LogLevel::Info,
+                            &format!(
+                                "{}: {}",
+                                if answer.waited {
+                                    "waited for the first request, replayed"
+                                } else {
+                                    "replayed"
+                                },
+                                reply.status
+                            ),
+                        );
                         self.send_reply(reply)
                     }
                     Err(e) => {
@@ -374,6 +438,7 @@ impl Http {
             Allocation::Conflict { retry_after } => {
                 // With `conflict: wait` the backend already waited `wait_ms` for the holder.
                 count(Metric::Conflict);
+                self.note(LogLevel::Info, "in flight elsewhere: 409");
                 let ra = problem::retry_after(retry_after.as_deref());
                 self.send_problem(
                     Kind::Conflict,
@@ -383,6 +448,7 @@ impl Http {
             }
             Allocation::Mismatch => {
                 count(Metric::Mismatch);
+                self.note(LogLevel::Info, "used with another request: 422");
                 self.send_problem(
                     Kind::Mismatch,
                     "this idempotency key was already used with a different request",
@@ -409,7 +475,7 @@ impl Http {
         let (op, body) = match (end, copy) {
             (End::Record, Some(c)) => (Op::Record, c.record_body(&self.key, &lease)),
             (End::Release(reason), _) => {
-                log(LogLevel::Debug, &format!("releasing: {}", reason.as_str()));
+                self.note(LogLevel::Debug, &format!("releasing: {}", reason.as_str()));
                 (Op::Release, capture::release_body(&self.key, &lease))
             }
             (End::Record, None) => (Op::Release, capture::release_body(&self.key, &lease)),
@@ -422,13 +488,16 @@ impl Http {
                 &cfg.server.captures_path,
                 &body,
                 cfg.server.timeout_ms,
+                &self.context,
             )
             .is_ok()
         {
+            self.note(LogLevel::Debug, &format!("{}: sent inline", op.name()));
             self.phase = Phase::Inline;
             self.inline_call = Some((op, body));
             return Action::Pause;
         }
+        self.note(LogLevel::Debug, &format!("{}: queued", op.name()));
         enqueue(
             Entry::new(
                 op,
@@ -436,7 +505,8 @@ impl Http {
                 body,
                 cfg.queue.max_attempts,
                 now_ms(),
-            ),
+            )
+            .for_request(self.context.clone()),
             &cfg.queue,
         );
         Action::Continue
@@ -448,20 +518,29 @@ impl Http {
             return;
         };
         match classify(answer.status, false) {
-            Class::Done => count(if op == Op::Record {
-                Metric::Recorded
-            } else {
-                Metric::Released
-            }),
+            Class::Done => {
+                count(if op == Op::Record {
+                    Metric::Recorded
+                } else {
+                    Metric::Released
+                });
+                self.note(LogLevel::Debug, &format!("{}: done", op.name()));
+            }
             Class::Fail => {
                 count(Metric::RecordFailed);
-                log(
+                self.note(
                     LogLevel::Warn,
                     &format!("{} refused: {}", op.name(), answer.describe()),
                 );
             }
             // The inline send was the first attempt.
-            Class::Retry => requeue_inline(cfg, op, body, 1),
+            Class::Retry => {
+                self.note(
+                    LogLevel::Debug,
+                    &format!("{}: {}, queued again", op.name(), answer.describe()),
+                );
+                requeue_inline(cfg, op, body, 1, self.context.clone());
+            }
         }
         let _ = hostcalls::resume_http_response();
     }
@@ -507,14 +586,15 @@ impl Http {
 /// Queues an inline record or release again, for the tick: it may have been applied already
 /// (its answer was lost, or its request ended first), so a 403 then means done. `attempts`:
 /// the sends it counts as made.
-fn requeue_inline(cfg: &Config, op: Op, body: Vec<u8>, attempts: u32) {
+fn requeue_inline(cfg: &Config, op: Op, body: Vec<u8>, attempts: u32, context: CallContext) {
     let mut e = Entry::new(
         op,
         cfg.server.clone(),
         body,
         cfg.queue.max_attempts,
         now_ms(),
-    );
+    )
+    .for_request(context);
     e.attempts = attempts;
     e.tolerate_403 = true;
     enqueue(e, &cfg.queue);
@@ -662,7 +742,7 @@ impl HttpContext for Http {
             // may cancel it; queue it again, a 403 then meaning it was applied after all.
             Phase::Inline => {
                 if let Some((op, body)) = self.inline_call.take() {
-                    requeue_inline(&cfg, op, body, 0);
+                    requeue_inline(&cfg, op, body, 0, self.context.clone());
                 }
                 self.phase = Phase::Done;
             }

@@ -27,6 +27,7 @@ use std::collections::VecDeque;
 use std::rc::Rc;
 
 use crate::config::{QueueConfig, Server};
+use crate::decision::CallContext;
 
 /// Entries one batch carries at most (the backend takes up to 1000).
 pub const MAX_BATCH_ENTRIES: usize = 500;
@@ -84,6 +85,9 @@ pub struct Entry {
     /// The same call may already have been applied (an earlier send went unanswered, or an
     /// inline call was cut short): a 403 then means done, not failed.
     pub tolerate_403: bool,
+    /// The request it records or releases: its trace context and id go with its batch item
+    /// (a batch call carries many requests, so the call itself carries none).
+    pub context: CallContext,
 }
 
 impl Entry {
@@ -96,7 +100,14 @@ impl Entry {
             max_attempts: max_attempts.max(1),
             due_ms: now_ms,
             tolerate_403: false,
+            context: CallContext::default(),
         }
+    }
+
+    /// The same entry, for the request of `context`.
+    pub fn for_request(mut self, context: CallContext) -> Entry {
+        self.context = context;
+        self
     }
 }
 
@@ -109,7 +120,8 @@ pub struct Batch {
 
 impl Batch {
     /// The body of `POST {prefix}/captures/batch`: `{"operations": [...]}`, each entry's own
-    /// body with `"op"` added (spliced, not parsed again: every body is a JSON object).
+    /// body with `"op"` added, and its request's `request_id` and `traceparent` when it has
+    /// them (spliced, not parsed again: every body is a JSON object).
     pub fn body(&self) -> Vec<u8> {
         let size: usize = self.entries.iter().map(|e| e.body.len() + 20).sum();
         let mut out = Vec::with_capacity(size + 20);
@@ -121,6 +133,7 @@ impl Batch {
             out.extend_from_slice(b"{\"op\":\"");
             out.extend_from_slice(e.op.name().as_bytes());
             out.push(b'"');
+            out.extend_from_slice(&e.context.batch_fields());
             match e.body.strip_prefix(b"{") {
                 // `{}`: nothing after the op.
                 Some(rest) if rest.first() == Some(&b'}') => out.extend_from_slice(rest),
@@ -616,7 +629,7 @@ mod tests {
     }
 
     #[test]
-    fn the_batch_body_is_each_body_with_its_op() {
+    fn the_batch_body_is_each_body_with_its_op_and_request() {
         let mut q = Queue::default();
         let l = limits(10, 1000);
         q.push(entry("a"), &l);
@@ -627,6 +640,17 @@ mod tests {
             Entry::new(Op::Record, target("b:1"), b"{}".to_vec(), 1, 0),
             &l,
         );
+        let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let context = CallContext {
+            traceparent: Some(traceparent.into()),
+            tracestate: Some("not=sent".into()),
+            request_id: Some(r#"r"1"#.into()),
+        };
+        q.push(entry("c").for_request(context.clone()), &l);
+        q.push(
+            Entry::new(Op::Release, target("b:1"), b"{}".to_vec(), 1, 0).for_request(context),
+            &l,
+        );
         let body = q.take_batch(ROOT, 0).unwrap().body();
         let v: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
         assert_eq!(
@@ -635,6 +659,9 @@ mod tests {
                 {"op": "record", "idempotency_key": "a"},
                 {"op": "release", "idempotency_key": "b"},
                 {"op": "record"},
+                // Each request's id and traceparent with its own item.
+                {"op": "record", "request_id": "r\"1", "traceparent": traceparent, "idempotency_key": "c"},
+                {"op": "release", "request_id": "r\"1", "traceparent": traceparent},
             ]})
         );
     }

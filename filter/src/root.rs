@@ -14,7 +14,7 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{BufferType, ContextType, LogLevel, MapType};
 
 use crate::config::Config;
-use crate::decision::{CallAnswer, batch_statuses};
+use crate::decision::{CallAnswer, CallContext, batch_statuses};
 use crate::filter::Http;
 use crate::metrics::Metric;
 use crate::queue::{Op, Settled};
@@ -128,12 +128,15 @@ fn send_due(root: u32) {
     };
     let target = batch.target.clone();
     let body = batch.body();
+    // A batch carries many requests: each item names its own (see `queue::Batch::body`),
+    // the call none.
     match call_backend(
         &target,
         "POST",
         &target.batch_path,
         &body,
         target.timeout_ms,
+        &CallContext::default(),
     ) {
         Ok(token) => with_queue(|q| q.sent(root, token, batch, now)),
         Err(status) => {

@@ -10,7 +10,7 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::types::{LogLevel, MapType, MetricType, Status};
 
 use crate::config::{QueueConfig, Server};
-use crate::decision::call_headers;
+use crate::decision::{CallContext, call_headers};
 use crate::host::Host;
 use crate::metrics::Metric;
 use crate::pairs::Pairs;
@@ -128,6 +128,7 @@ pub fn call_backend(
     path: &str,
     body: &[u8],
     timeout_ms: u64,
+    context: &CallContext,
 ) -> Result<u32, Status> {
     if HOST.with(Cell::get) == Some(Host::Ngx)
         && !crate::host::ngx_dispatchable(server, method, path)
@@ -141,7 +142,13 @@ pub fn call_backend(
         );
         return Err(Status::BadArgument);
     }
-    let headers = call_headers(method, path, &server.authority, server.token.as_deref());
+    let headers = call_headers(
+        method,
+        path,
+        &server.authority,
+        server.token.as_deref(),
+        context,
+    );
     let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
     hostcalls::dispatch_http_call(
         &server.upstream,
@@ -163,4 +170,16 @@ pub fn now_ms() -> u64 {
 /// Logs one line, prefixed with the filter's name.
 pub fn log(level: LogLevel, msg: &str) {
     let _ = hostcalls::log(level, &format!("idempotency: {msg}"));
+}
+
+/// Whether the host keeps lines of `level`, so that a line is not built for nothing. Only
+/// Envoy is asked: ngx_wasm_module maps `proxy_get_log_level` to its NYI stub, which traps
+/// ("host function not yet implemented": `ngx_proxy_wasm_hfuncs_nop` returns `NGX_WAVM_NYI`,
+/// ngx_wavm.c), so there, and before the host is known, every line is built and the host's
+/// own `error_log` level decides.
+pub fn logs(level: LogLevel) -> bool {
+    if HOST.with(Cell::get) != Some(Host::Envoy) {
+        return true;
+    }
+    hostcalls::get_log_level().map_or(true, |kept| kept as u32 <= level as u32)
 }

@@ -1,9 +1,11 @@
 //! The HTTP API: the routes (all of them, here), the handlers, the body extractor and the
 //! bearer-token check.
 //!
-//! A request goes: request log → (for `/api/*`) bearer token → [`Payload`] (body limit, JSON
-//! object, fields) → the handler's range checks and key check → the store (through
-//! [`crate::wait`] for `wait_ms`) → an answer, or an [`ApiError`] rendered as a problem.
+//! A request goes: [`observe`] (its span, its log line, the HTTP request counter) → (for
+//! `/api/*`) bearer token → [`Payload`] (body limit, JSON object, fields) → the handler's range
+//! checks and key check → the store (through [`crate::wait`] for `wait_ms`) → an answer, or an
+//! [`ApiError`] rendered as a problem. Each handler counts its outcome and its latency
+//! ([`crate::metrics`]) and tells `observe` the outcome ([`Told`]) for the log line and the span.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, UNIX_EPOCH};
@@ -11,7 +13,7 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, FailedToBufferBody};
-use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, MatchedPath, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -20,13 +22,18 @@ use idempotency_spec as spec;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use subtle::ConstantTimeEq;
+use tracing::Instrument as _;
 
 use crate::error::ApiError;
+use crate::metrics::{Allocation, Label as _, Metrics, Operation, Recording, Releasing};
 use crate::store::{
     self, AllocateOutcome, BatchOp, BatchOutcome, RecordOutcome, ReleaseOutcome, Store, UnixMillis,
     now_ms,
 };
 use crate::wait::{self, Waiters};
+
+/// Where the metrics are served (open, like `/-/ping`).
+pub const METRICS_PATH: &str = "/metrics";
 
 /// The published contract, served at `GET /openapi.yaml`.
 pub const OPENAPI_YAML: &str = include_str!("../../spec/openapi.yaml");
@@ -47,6 +54,7 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     pub waiters: Arc<Waiters>,
     pub policy: Arc<Policy>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// Every route of the service.
@@ -63,10 +71,11 @@ pub fn router(state: AppState) -> Router {
         .route("/-/ping", get(ping))
         .route("/-/ready", get(ready))
         .route("/openapi.yaml", get(openapi))
+        .route(METRICS_PATH, get(metrics))
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(state.policy.body_limit))
-        .layer(middleware::from_fn(log_request))
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
 }
 
@@ -160,11 +169,58 @@ fn json<T: Serialize>(status: StatusCode, body: &T) -> Response {
     response
 }
 
+/// What a handler tells [`observe`] about its answer, for the request's log line and span.
+#[derive(Clone, Debug)]
+pub struct Told {
+    /// The outcome's label, as counted (`allocated`, `replayed`, `stored`, ...).
+    pub outcome: &'static str,
+    /// The key the request named: shown only as its digest ([`spec::key_digest`]), computed
+    /// when a log line or a span takes it.
+    key: Option<String>,
+}
+
+/// `response`, telling `observe` its outcome and key.
+fn told(mut response: Response, outcome: &'static str, key: Option<String>) -> Response {
+    response.extensions_mut().insert(Told { outcome, key });
+    response
+}
+
 /// `PUT /api/v2/captures`: allocate.
 async fn allocate(
     State(state): State<AppState>,
-    Payload(request): Payload<spec::AllocateRequest>,
-) -> Result<Response, ApiError> {
+    payload: Result<Payload<spec::AllocateRequest>, ApiError>,
+) -> Response {
+    let started = Instant::now();
+    let (outcome, key, response) = match payload {
+        Ok(Payload(request)) => {
+            let key = request.idempotency_key.clone();
+            match allocate_answer(&state, request).await {
+                Ok((outcome, response)) => (outcome, Some(key), response),
+                Err(e) => (failed_allocation(&e), Some(key), e.into_response()),
+            }
+        }
+        Err(e) => (failed_allocation(&e), None, e.into_response()),
+    };
+    state.metrics.allocation(outcome);
+    state
+        .metrics
+        .operation(Operation::Allocate, started.elapsed());
+    told(response, outcome.as_str(), key)
+}
+
+/// An allocation answered with an error: the store's (503), or a bad request's.
+fn failed_allocation(e: &ApiError) -> Allocation {
+    match e {
+        ApiError::Store(_) => Allocation::Error,
+        _ => Allocation::Invalid,
+    }
+}
+
+/// The checks, the store (through the wait), the answer.
+async fn allocate_answer(
+    state: &AppState,
+    request: spec::AllocateRequest,
+) -> Result<(Allocation, Response), ApiError> {
     let policy = &state.policy;
     let max_lease_ms = policy.max_lease.as_millis();
     let lease = match request.lease_ms {
@@ -204,30 +260,54 @@ async fn allocate(
         lease,
     };
     let (outcome, waited) = wait::allocate(&*state.store, &state.waiters, operation, wait).await?;
-    let mut response = match outcome {
+    if let Some(waited) = waited {
+        state.metrics.waited(waited);
+    }
+    let (label, mut response) = match outcome {
         AllocateOutcome::Allocated {
             lease_token,
             lease_expires_at,
-        } => json(
-            StatusCode::ACCEPTED,
-            &spec::Allocated {
-                lease_token,
-                lease_expires_at: rfc3339(lease_expires_at),
+            taken_over,
+        } => (
+            if taken_over {
+                Allocation::TakenOver
+            } else {
+                Allocation::Allocated
             },
+            json(
+                StatusCode::ACCEPTED,
+                &spec::Allocated {
+                    lease_token,
+                    lease_expires_at: rfc3339(lease_expires_at),
+                },
+            ),
         ),
-        AllocateOutcome::Completed(capture) => json(
-            StatusCode::OK,
-            &spec::CaptureRecord {
-                idempotency_key: key,
-                lease_token: None,
-                response: capture,
+        AllocateOutcome::Completed(capture) => (
+            if waited.is_some() {
+                Allocation::Waited
+            } else {
+                Allocation::Replayed
             },
+            json(
+                StatusCode::OK,
+                &spec::CaptureRecord {
+                    idempotency_key: key,
+                    lease_token: None,
+                    response: capture,
+                },
+            ),
         ),
-        AllocateOutcome::InFlight { lease_expires_at } => ApiError::InFlight {
-            retry_after_secs: retry_after_secs(lease_expires_at, now_ms()),
-        }
-        .into_response(),
-        AllocateOutcome::FingerprintMismatch => ApiError::FingerprintMismatch.into_response(),
+        AllocateOutcome::InFlight { lease_expires_at } => (
+            Allocation::Conflict,
+            ApiError::InFlight {
+                retry_after_secs: retry_after_secs(lease_expires_at, now_ms()),
+            }
+            .into_response(),
+        ),
+        AllocateOutcome::FingerprintMismatch => (
+            Allocation::Mismatch,
+            ApiError::FingerprintMismatch.into_response(),
+        ),
     };
     if let Some(waited) = waited {
         // Tells a response the caller waited for from a plain replay (the filter counts them
@@ -237,7 +317,7 @@ async fn allocate(
             .headers_mut()
             .insert(spec::WAITED_HEADER, HeaderValue::from(ms));
     }
-    Ok(response)
+    Ok((label, response))
 }
 
 /// A record's checks (400, 422), before the store is asked.
@@ -309,26 +389,89 @@ fn released(
     }
 }
 
+/// The label of a record's outcome: its answer from the store, or the error it got.
+fn recording(answer: &Result<spec::Recorded, ApiError>) -> Recording {
+    match answer {
+        Ok(_) => Recording::Stored,
+        Err(ApiError::NotAllocated) => Recording::Forbidden,
+        Err(ApiError::CaptureTooLarge { .. }) => Recording::TooLarge,
+        Err(ApiError::Store(_)) => Recording::Error,
+        Err(_) => Recording::Invalid,
+    }
+}
+
+/// The label of a release's outcome.
+fn releasing(answer: &Result<spec::Released, ApiError>) -> Releasing {
+    match answer {
+        Ok(_) => Releasing::Released,
+        Err(ApiError::NotAllocated) => Releasing::Forbidden,
+        Err(ApiError::Store(_)) => Releasing::Error,
+        Err(_) => Releasing::Invalid,
+    }
+}
+
 /// `POST /api/v2/captures`: record.
 async fn record(
     State(state): State<AppState>,
-    Payload(request): Payload<spec::CaptureRecord>,
-) -> Result<Response, ApiError> {
-    let operation = record_request(request, &state.policy)?;
-    let key = operation.key.clone();
-    let outcome = state.store.record(operation).await?;
-    Ok(json(StatusCode::OK, &recorded(&state, key, outcome)?))
+    payload: Result<Payload<spec::CaptureRecord>, ApiError>,
+) -> Response {
+    let started = Instant::now();
+    let (key, answer) = match payload {
+        Ok(Payload(request)) => {
+            let key = request.idempotency_key.clone();
+            let answer = async {
+                let operation = record_request(request, &state.policy)?;
+                let key = operation.key.clone();
+                let outcome = state.store.record(operation).await?;
+                recorded(&state, key, outcome)
+            }
+            .await;
+            (Some(key), answer)
+        }
+        Err(e) => (None, Err(e)),
+    };
+    let outcome = recording(&answer);
+    state.metrics.record(outcome);
+    state
+        .metrics
+        .operation(Operation::Record, started.elapsed());
+    let response = match answer {
+        Ok(body) => json(StatusCode::OK, &body),
+        Err(e) => e.into_response(),
+    };
+    told(response, outcome.as_str(), key)
 }
 
 /// `DELETE /api/v2/captures`: release.
 async fn release(
     State(state): State<AppState>,
-    Payload(request): Payload<spec::ReleaseRequest>,
-) -> Result<Response, ApiError> {
-    let operation = release_request(request)?;
-    let key = operation.key.clone();
-    let outcome = state.store.release(operation).await?;
-    Ok(json(StatusCode::OK, &released(&state, key, outcome)?))
+    payload: Result<Payload<spec::ReleaseRequest>, ApiError>,
+) -> Response {
+    let started = Instant::now();
+    let (key, answer) = match payload {
+        Ok(Payload(request)) => {
+            let key = request.idempotency_key.clone();
+            let answer = async {
+                let operation = release_request(request)?;
+                let key = operation.key.clone();
+                let outcome = state.store.release(operation).await?;
+                released(&state, key, outcome)
+            }
+            .await;
+            (Some(key), answer)
+        }
+        Err(e) => (None, Err(e)),
+    };
+    let outcome = releasing(&answer);
+    state.metrics.release(outcome);
+    state
+        .metrics
+        .operation(Operation::Release, started.elapsed());
+    let response = match answer {
+        Ok(body) => json(StatusCode::OK, &body),
+        Err(e) => e.into_response(),
+    };
+    told(response, outcome.as_str(), key)
 }
 
 /// `{"operations": [...]}`: each item is read on its own, so that a malformed one is answered
@@ -367,52 +510,134 @@ fn batch_result<T: Serialize>(answer: Result<T, ApiError>) -> spec::BatchResult<
     }
 }
 
+/// What a batch item says of the request it comes from: the fields the filter adds to each
+/// (`request_id`, `traceparent`; both optional, ignored by the item's own checks).
+struct ItemContext {
+    release: bool,
+    request_id: Option<String>,
+}
+
+impl ItemContext {
+    fn of(item: &serde_json::Value) -> ItemContext {
+        let text = |name: &str| item.get(name).and_then(serde_json::Value::as_str);
+        // The batch is one call for many requests: its span links to each item's trace.
+        if let Some(traceparent) = text("traceparent") {
+            crate::logging::link_current_span(traceparent);
+        }
+        ItemContext {
+            release: text("op") == Some("release"),
+            request_id: text("request_id").and_then(request_id),
+        }
+    }
+}
+
 /// `POST /api/v2/captures/batch`: many records and releases in one call (what the filter's
 /// deferred queue sends). Each item is checked and answered exactly as its single call (200,
-/// 400, 403, 422, 503, in a result of its own); the items the checks let through go to the
-/// store together (one transaction and one sync in the embedded store, one pipeline in
-/// Redis), and nothing is answered before all of them are durable.
+/// 400, 403, 422, 503, in a result of its own), and counted as its single call would be; the
+/// items the checks let through go to the store together (one transaction and one sync in the
+/// embedded store, one pipeline in Redis), and nothing is answered before all of them are
+/// durable.
 async fn batch(
     State(state): State<AppState>,
-    Payload(request): Payload<BatchRequest>,
-) -> Result<Response, ApiError> {
+    payload: Result<Payload<BatchRequest>, ApiError>,
+) -> Response {
+    let started = Instant::now();
+    let answer = match payload {
+        Ok(Payload(request)) => batch_answer(&state, request).await,
+        Err(e) => Err(e),
+    };
+    state.metrics.operation(Operation::Batch, started.elapsed());
+    match answer {
+        Ok(response) => told(response, "answered", None),
+        // Refused whole (400, 413): no item is counted, none was read.
+        Err(e) => told(e.into_response(), "invalid", None),
+    }
+}
+
+async fn batch_answer(state: &AppState, request: BatchRequest) -> Result<Response, ApiError> {
     if request.operations.len() > spec::MAX_BATCH_OPERATIONS {
         return Err(out_of_range(format!(
             "operations must hold at most {} items",
             spec::MAX_BATCH_OPERATIONS
         )));
     }
-    // Per item: its key, or the answer the checks gave it; the rest go to the store, in order.
-    let mut items: Vec<Result<String, ApiError>> = Vec::new();
+    // Per item: where it comes from, and its key or the answer the checks gave it; the rest go
+    // to the store, in order.
+    let mut items: Vec<(ItemContext, Result<String, ApiError>)> = Vec::new();
     let mut valid: Vec<BatchOp> = Vec::new();
     for item in request.operations {
-        items.push(batch_item(item, &state.policy).map(|op| {
-            let key = match &op {
-                BatchOp::Record(r) => r.key.clone(),
-                BatchOp::Release(r) => r.key.clone(),
-            };
-            valid.push(op);
-            key
-        }));
+        let context = ItemContext::of(&item);
+        items.push((
+            context,
+            batch_item(item, &state.policy).map(|op| {
+                let key = match &op {
+                    BatchOp::Record(r) => r.key.clone(),
+                    BatchOp::Release(r) => r.key.clone(),
+                };
+                valid.push(op);
+                key
+            }),
+        ));
     }
     let mut outcomes = state.store.batch(valid).await.into_iter();
     let results = items
         .into_iter()
-        .map(|item| {
-            let key = match item {
-                Ok(key) => key,
-                Err(e) => return batch_result::<()>(Err(e)),
+        .map(|(context, item)| {
+            let (label, digest, result) = match item {
+                Err(e) => {
+                    let label = if context.release {
+                        state.metrics.release(Releasing::Invalid);
+                        Releasing::Invalid.as_str()
+                    } else {
+                        state.metrics.record(Recording::Invalid);
+                        Recording::Invalid.as_str()
+                    };
+                    (label, None, batch_result::<()>(Err(e)))
+                }
+                Ok(key) => {
+                    let outcome = outcomes.next().unwrap_or_else(|| {
+                        Err(store::StoreError::Unavailable(
+                            "the store answered fewer items than it was given".into(),
+                        ))
+                    });
+                    let digest =
+                        tracing::enabled!(tracing::Level::DEBUG).then(|| spec::key_digest(&key));
+                    match outcome {
+                        Err(e) => {
+                            let e = ApiError::from(e);
+                            let label = if context.release {
+                                state.metrics.release(Releasing::Error);
+                                Releasing::Error.as_str()
+                            } else {
+                                state.metrics.record(Recording::Error);
+                                Recording::Error.as_str()
+                            };
+                            (label, digest, batch_result::<()>(Err(e)))
+                        }
+                        Ok(BatchOutcome::Record(o)) => {
+                            let answer = recorded(state, key, o);
+                            let label = recording(&answer);
+                            state.metrics.record(label);
+                            (label.as_str(), digest, batch_result(answer))
+                        }
+                        Ok(BatchOutcome::Release(o)) => {
+                            let answer = released(state, key, o);
+                            let label = releasing(&answer);
+                            state.metrics.release(label);
+                            (label.as_str(), digest, batch_result(answer))
+                        }
+                    }
+                }
             };
-            let outcome = outcomes.next().unwrap_or_else(|| {
-                Err(store::StoreError::Unavailable(
-                    "the store answered fewer items than it was given".into(),
-                ))
-            });
-            match outcome {
-                Err(e) => batch_result::<()>(Err(e.into())),
-                Ok(BatchOutcome::Record(o)) => batch_result(recorded(&state, key, o)),
-                Ok(BatchOutcome::Release(o)) => batch_result(released(&state, key, o)),
-            }
+            tracing::debug!(
+                request_id = context.request_id,
+                op = if context.release { "release" } else { "record" },
+                outcome = label,
+                key = digest,
+                status = result.status,
+                "batch item"
+            );
+            result
         })
         .collect();
     Ok(json(StatusCode::OK, &spec::BatchAnswer { results }))
@@ -479,18 +704,103 @@ fn bearer_token(value: &str) -> Option<&str> {
         .then_some(token.trim())
 }
 
-/// One debug line per request (method, path, status, latency), a warning for a 5xx.
-async fn log_request(request: Request, next: Next) -> Response {
+/// `GET /metrics`: every metric, in Prometheus's text format.
+async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+/// The request id a caller sent (`x-request-id`, the gateway's), when it is one: 1 to 128
+/// visible ASCII characters. Anything else is not shown at all.
+fn request_id(value: &str) -> Option<String> {
+    (!value.is_empty() && value.len() <= 128 && value.bytes().all(|b| b.is_ascii_graphic()))
+        .then(|| value.to_owned())
+}
+
+/// A matched route as its template, one of a fixed few (the label of the HTTP metrics).
+fn route_of(request: &Request) -> Option<&'static str> {
+    let matched = request.extensions().get::<MatchedPath>()?.as_str();
+    [
+        spec::CAPTURES_PATH,
+        spec::BATCH_PATH,
+        "/-/ping",
+        "/-/ready",
+        "/openapi.yaml",
+        METRICS_PATH,
+    ]
+    .into_iter()
+    .find(|route| *route == matched)
+}
+
+/// Around every request: a span for the API's routes (continuing the caller's trace from its
+/// `traceparent`; debug, so that it costs nothing unless traces are exported or the log is at
+/// debug), the HTTP request counter, and one log line: debug, a warning for a 5xx, with the
+/// request id, method, route, status, outcome, the key's digest and the latency.
+async fn observe(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = request.method().clone();
-    let path = request.uri().path().to_owned();
-    let response = next.run(request).await;
+    let route = route_of(&request);
+    let request_id = request
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(request_id);
+    let span = match route {
+        Some(spec::CAPTURES_PATH | spec::BATCH_PATH) => tracing::debug_span!(
+            "request",
+            otel.name = tracing::field::Empty,
+            otel.kind = "server",
+            otel.status_code = tracing::field::Empty,
+            http.request.method = %method,
+            http.route = route,
+            http.response.status_code = tracing::field::Empty,
+            request_id = request_id.as_deref(),
+            idempotency.outcome = tracing::field::Empty,
+            idempotency.key = tracing::field::Empty,
+        ),
+        _ => tracing::Span::none(),
+    };
+    if !span.is_disabled() {
+        span.record(
+            "otel.name",
+            format!("{method} {}", route.unwrap_or_default()).as_str(),
+        );
+        crate::logging::continue_trace(&span, request.headers());
+    }
+    let response = next.run(request).instrument(span.clone()).await;
     let status = response.status().as_u16();
-    let ms = started.elapsed().as_secs_f64() * 1000.0;
-    if response.status().is_server_error() {
-        tracing::warn!(%method, path, status, ms, "request");
+    state.metrics.http_request(route, &method, status);
+
+    let told = response.extensions().get::<Told>();
+    let error = response.status().is_server_error();
+    let log = if error {
+        tracing::enabled!(tracing::Level::WARN)
     } else {
-        tracing::debug!(%method, path, status, ms, "request");
+        tracing::enabled!(tracing::Level::DEBUG)
+    };
+    if log || !span.is_disabled() {
+        let outcome = told.map(|t| t.outcome);
+        let key = told.and_then(|t| t.key.as_deref()).map(spec::key_digest);
+        // As an i64: the OpenTelemetry layer records an u64 as text.
+        span.record("http.response.status_code", i64::from(status));
+        span.record("idempotency.outcome", outcome);
+        span.record("idempotency.key", key.as_deref());
+        if error {
+            span.record("otel.status_code", "ERROR");
+        }
+        let ms = started.elapsed().as_secs_f64() * 1000.0;
+        let route = route.unwrap_or("unmatched");
+        if error {
+            tracing::warn!(request_id, %method, route, status, outcome, key, ms, "request");
+        } else {
+            tracing::debug!(request_id, %method, route, status, outcome, key, ms, "request");
+        }
     }
     response
 }
@@ -513,6 +823,15 @@ mod tests {
         assert_eq!(bearer_token("bearer  abc "), Some("abc"));
         assert_eq!(bearer_token("Basic abc"), None);
         assert_eq!(bearer_token("Bearer"), None);
+    }
+
+    #[test]
+    fn request_ids_are_shown_only_when_plain() {
+        assert_eq!(request_id("7f3a-9c").as_deref(), Some("7f3a-9c"));
+        assert_eq!(request_id(""), None);
+        assert_eq!(request_id("a b"), None);
+        assert_eq!(request_id(&"x".repeat(129)), None);
+        assert_eq!(request_id("caf\u{e9}"), None);
     }
 
     #[test]

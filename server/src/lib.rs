@@ -21,7 +21,8 @@
 //! | [`wait`] | `wait_ms`: per-key notifications in this process plus polling with backoff |
 //! | [`purge`] | the background task deleting expired entries |
 //! | [`shutdown`] | the signals, and the order of a graceful shutdown |
-//! | [`logging`] | tracing to stderr, `RUST_LOG`, `LOG_FORMAT` |
+//! | [`logging`] | tracing to stderr, `RUST_LOG`, `LOG_FORMAT`; OpenTelemetry traces over OTLP |
+//! | [`metrics`] | the Prometheus metrics of `GET /metrics` |
 //!
 //! The binary (`src/main.rs`) only parses the configuration, installs logging, and calls
 //! [`run`].
@@ -53,6 +54,7 @@ pub mod config;
 pub mod error;
 pub mod http;
 pub mod logging;
+pub mod metrics;
 pub mod purge;
 pub mod shutdown;
 pub mod store;
@@ -162,6 +164,9 @@ pub async fn serve_with_store(
         let _ = store.shutdown().await;
         anyhow::bail!("invalid configuration: {line}");
     }
+    // Every call to the store is measured (and traced), whatever the store.
+    let metrics = Arc::new(metrics::Metrics::new(&*store));
+    let store: Arc<dyn Store> = Arc::new(store::metered::Metered::new(store, metrics.clone()));
     // One flag for everything that must stop: the listener, waits, the purge.
     let (stopping, stop) = watch::channel(false);
     let waiters = Arc::new(wait::Waiters::new(stop.clone()));
@@ -175,6 +180,7 @@ pub async fn serve_with_store(
             body_limit: config.body_limit,
             api_token: config.api_token.clone(),
         }),
+        metrics,
     };
     let purge = tokio::spawn(purge::run(store.clone(), purge::INTERVAL, stop.clone()));
 

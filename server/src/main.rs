@@ -1,4 +1,5 @@
-//! `idempotency-server`: parse the configuration, install logging, run (see the library).
+//! `idempotency-server`: parse the configuration, install logging (and traces), run (see the
+//! library).
 //!
 //! Exit status: 0 after a graceful shutdown (or `--help`), 1 when the server cannot start or
 //! fails, 2 for an invalid configuration. Each failure is one line on stderr.
@@ -16,9 +17,11 @@ fn main() -> ExitCode {
         }
         Err(ConfigError::Invalid(line)) => return invalid_configuration(&line),
     };
-    if let Err(line) = idempotency_server::logging::init(config.log_format) {
-        return invalid_configuration(&line);
-    }
+    // Before the runtime: the trace exporter's HTTP client makes a runtime of its own.
+    let telemetry = match idempotency_server::logging::init(config.log_format) {
+        Ok(telemetry) => telemetry,
+        Err(line) => return invalid_configuration(&line),
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -26,7 +29,10 @@ fn main() -> ExitCode {
         Ok(runtime) => runtime,
         Err(e) => return failure(&format!("cannot start the runtime: {e}")),
     };
-    match runtime.block_on(idempotency_server::run(config)) {
+    let served = runtime.block_on(idempotency_server::run(config));
+    // The spans still buffered are exported before the process ends.
+    telemetry.shutdown();
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         // `{:#}`: the whole cause chain on one line.
         Err(e) => failure(&format!("{e:#}")),

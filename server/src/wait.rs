@@ -116,7 +116,7 @@ pub async fn allocate(
         }
         if !waiting {
             tracing::debug!(
-                key = %crate::logging::key_digest(&request.key),
+                key = %idempotency_spec::key_digest(&request.key),
                 "waiting for the holder of the key"
             );
             waiting = true;

@@ -163,7 +163,7 @@ async fn a_wait_on_one_ends_with_what_the_other_did(args: &[&str]) {
         pair.b
             .log_line(|l| {
                 l["fields"]["message"] == "waiting for the holder of the key"
-                    && l["fields"]["key"] == key.as_str()
+                    && l["fields"]["key"] == idempotency_spec::key_digest(key.as_str())
             })
             .await;
         let body =

@@ -223,6 +223,50 @@ async fn concurrent_operations_share_commits() {
     store.shutdown().await.unwrap();
 }
 
+/// An expired lease stays for the takeover window, so that its takeover is known (and
+/// counted), and is purged after it; answers are the same throughout (it is free).
+#[tokio::test]
+async fn the_purge_keeps_an_expired_lease_for_the_takeover_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = EmbeddedOptions::new(dir.path());
+    options.takeover_window = Duration::from_secs(2);
+    let store = tokio::task::spawn_blocking(move || EmbeddedStore::open(options))
+        .await
+        .unwrap()
+        .unwrap();
+    let AllocateOutcome::Allocated {
+        lease_expires_at, ..
+    } = store
+        .allocate(alloc("kept", Duration::from_millis(1)))
+        .await
+        .unwrap()
+    else {
+        panic!("expected a lease");
+    };
+    common::eventually("the lease to expire", || async {
+        (now_ms() > lease_expires_at).then_some(())
+    })
+    .await;
+    // Expired, within the window: the purge goes through it and leaves it.
+    let before = store.stats().purged;
+    store.purge_expired(1000).await.unwrap();
+    assert_eq!(store.stats().purged, before);
+    // After the window: purged. An allocation now is a first one.
+    common::eventually("the purge after the window", || async {
+        store.purge_expired(1000).await.unwrap();
+        (store.stats().purged == before + 1).then_some(())
+    })
+    .await;
+    assert!(matches!(
+        store.allocate(alloc("kept", HOUR)).await.unwrap(),
+        AllocateOutcome::Allocated {
+            taken_over: false,
+            ..
+        }
+    ));
+    store.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_purge_deletes_expired_entries_and_the_file_stops_growing() {
     const ROUNDS: usize = 10;

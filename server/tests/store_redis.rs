@@ -14,7 +14,7 @@ use common::eventually;
 use common::redis_server::RedisServer;
 use idempotency_server::store::{
     Allocate, AllocateOutcome, BatchOp, BatchOutcome, Record, RecordOutcome, Release,
-    ReleaseOutcome, Store, StoreError,
+    ReleaseOutcome, Store, StoreError, TAKEOVER_WINDOW,
 };
 use idempotency_server::{RedisOptions, RedisStore, RedisTarget};
 
@@ -58,6 +58,7 @@ async fn lease(store: &dyn Store, key: &str, lease: Duration) -> (String, u64) {
         AllocateOutcome::Allocated {
             lease_token,
             lease_expires_at,
+            ..
         } => (lease_token, lease_expires_at),
         other => panic!("expected a lease, got {other:?}"),
     }
@@ -72,14 +73,19 @@ async fn pexpiretime(c: &mut redis::aio::MultiplexedConnection, key: &str) -> i6
 }
 
 #[tokio::test]
-async fn each_key_expires_in_redis_at_its_lease_or_retention_end() {
+async fn each_key_expires_in_redis_a_takeover_window_after_its_lease_or_at_its_retention_end() {
     let server = RedisServer::start().await;
     let store = open(&server).await;
     let mut c = server.connection().await;
+    let window = TAKEOVER_WINDOW.as_millis() as i64;
 
-    // Allocated: the key expires at the lease's end, to the millisecond.
+    // Allocated: the key expires a takeover window after the lease's end, to the millisecond
+    // (free from the lease's end; kept so that a takeover is known).
     let (token, lease_end) = lease(&store, "k", HOUR).await;
-    assert_eq!(pexpiretime(&mut c, "idempotency:k").await, lease_end as i64);
+    assert_eq!(
+        pexpiretime(&mut c, "idempotency:k").await,
+        lease_end as i64 + window
+    );
     // Completed: at the retention's end; the token is gone from the entry.
     let RecordOutcome::Stored { expires_at } = store.record(rec("k", &token)).await.unwrap() else {
         panic!("expected stored");
@@ -114,23 +120,25 @@ async fn each_key_expires_in_redis_at_its_lease_or_retention_end() {
         .unwrap();
     assert_eq!(exists, 0);
 
-    // A lease nobody records: Redis deletes the key by itself (DBSIZE counts keys that expired
-    // but are not deleted yet, so this waits for Redis's own expiry, not a lookup's).
-    lease(&store, "abandoned", Duration::from_millis(100)).await;
-    eventually("Redis to delete the abandoned lease", || {
-        let mut c = c.clone();
-        async move {
-            let keys: Vec<String> = redis::cmd("KEYS")
-                .arg("idempotency:abandoned")
-                .query_async(&mut c)
-                .await
-                .unwrap();
-            let size: i64 = redis::cmd("DBSIZE").query_async(&mut c).await.unwrap();
-            // "k" (completed for an hour) stays.
-            (keys.is_empty() && size == 1).then_some(())
-        }
+    // A lease taken over: the new lease's end plus the window, and it says so.
+    let (_, first_end) = lease(&store, "t", Duration::from_millis(50)).await;
+    eventually("the lease to expire", || async {
+        (idempotency_server::store::now_ms() > first_end).then_some(())
     })
     .await;
+    let AllocateOutcome::Allocated {
+        lease_expires_at,
+        taken_over,
+        ..
+    } = store.allocate(alloc("t", HOUR)).await.unwrap()
+    else {
+        panic!("expected a lease");
+    };
+    assert!(taken_over);
+    assert_eq!(
+        pexpiretime(&mut c, "idempotency:t").await,
+        lease_expires_at as i64 + window
+    );
     store.shutdown().await.unwrap();
 }
 

@@ -78,6 +78,22 @@ pub fn is_valid_key(key: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
+/// What logs and traces show instead of a key: the first 6 bytes of the SHA-256 of
+/// the backend key, in hex (12 characters). The backend and the filter compute it from the
+/// same string, so that their lines about one key can be matched; it reveals nothing of the
+/// client's key (which the backend key embeds) or of its scope.
+pub fn key_digest(key: &str) -> String {
+    use sha2::Digest as _;
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let digest = sha2::Sha256::digest(key.as_bytes());
+    let mut out = String::with_capacity(12);
+    for b in digest.iter().take(6) {
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 15)]));
+    }
+    out
+}
+
 /// `PUT /api/v2/captures`: allocate a key before the request reaches the upstream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AllocateRequest {
@@ -301,6 +317,13 @@ mod integer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_digest_is_the_start_of_its_sha256() {
+        // SHA-256("abc") = ba7816bf8f01cfea…
+        assert_eq!(key_digest("abc"), "ba7816bf8f01");
+        assert_ne!(key_digest("abd"), key_digest("abc"));
+    }
 
     #[test]
     fn keys_follow_the_old_servers_rule() {

@@ -373,6 +373,8 @@ pub struct Host {
     start_ns: u64,
     elapsed: Mutex<Duration>,
     slots: Arc<Slots>,
+    /// The filter's name, the host's prefix of its metrics (ngx).
+    filter_name: String,
 }
 
 impl HostOptions {
@@ -510,6 +512,7 @@ impl Host {
             start_ns: opts.start_time_ns,
             elapsed: Mutex::new(Duration::ZERO),
             slots,
+            filter_name: opts.filter_name.clone(),
         })
     }
 
@@ -631,6 +634,19 @@ impl Host {
 
     pub fn metrics(&self) -> Vec<Metric> {
         self.observed.lock().unwrap().metrics.clone()
+    }
+
+    /// The filter's metrics as a Prometheus scrape of the real host returns them: Kong's
+    /// Prometheus plugin (`pw_<filter>_<name>`) in ngx mode, Envoy's `/stats/prometheus`
+    /// (`<name>`) in envoy mode ([`crate::exposition`]).
+    pub fn prometheus(&self) -> String {
+        crate::exposition::prometheus(self.mode(), &self.filter_name, &self.metrics())
+    }
+
+    /// The host's own names of the filter's metrics: Envoy's `/stats`
+    /// (`wasmcustom.<name>: <value>`), ngx_wasm_module's shm (`pw.<filter>.<name>: <value>`).
+    pub fn stats(&self) -> String {
+        crate::exposition::stats(self.mode(), &self.filter_name, &self.metrics())
     }
 
     /// Shared data: value and CAS.

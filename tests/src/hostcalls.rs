@@ -205,6 +205,10 @@ pub fn link(linker: &mut Linker<World>) -> Result<()> {
         E,
         "proxy_get_log_level",
         |mut c: C, ptr: u32| -> Result<u32> {
+            // ngx_wasm_module: its NYI stub (`ngx_proxy_wasm_hfuncs_nop`), a trap.
+            if c.data().mode == Mode::Ngx {
+                bail!("proxy_get_log_level: host function not yet implemented");
+            }
             let level = c.data().opts.log_level as u32;
             abi::write_u32(&mut c, ptr, level)?;
             Ok(status::OK)
@@ -764,6 +768,14 @@ pub fn link(linker: &mut Linker<World>) -> Result<()> {
                 2 => MetricKind::Histogram,
                 _ => return Ok(status::BAD_ARGUMENT),
             };
+            // ngx: the stored name, prefix included, within `max_metric_name_length`
+            // (ngx_proxy_wasm_host.c: "could not define metric: name … too long", a trap).
+            let mode = c.data().mode;
+            let stored = crate::exposition::stored_name(mode, &c.data().opts.filter_name, &name);
+            if crate::exposition::stored_name_limit(mode).is_some_and(|limit| stored.len() > limit)
+            {
+                bail!("could not define metric: name \"{name}\" too long");
+            }
             let id = {
                 let mut observed = c.data().observed.lock().unwrap();
                 match observed.metrics.iter().position(|m| m.name == name) {

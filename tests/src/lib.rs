@@ -23,6 +23,7 @@
 //! | [`secrets`] | the keys, tokens and bodies a test sent, looked for in the filter's and the backend's logs |
 //! | [`connections`] | ngx: the worker's `worker_connections` slots, and the ones root calls leak |
 //! | [`observed`] | logs, metrics, shared data, fuel, violations (survive an ngx reset) |
+//! | [`exposition`] | the filter's metrics as each host exports them: Kong's Prometheus plugin (`pw_<filter>_<name>`), Envoy's `/stats` (`wasmcustom.<name>`) and `/stats/prometheus` |
 //! | [`upstream`] | the counting upstream (the API behind the gateway) |
 //! | [`client`] | a small HTTP/1.1 client (status, reason, repeated headers, bytes) |
 //! | [`build`] | builds a workspace package for wasm32-wasip1 (`--profile wasm`) |
@@ -83,6 +84,8 @@
 //! | client goes away | nothing stops: a pending call completes, its answer runs, the upstream is asked, on_log runs | the stream is reset: calls cancelled, upstream reset, on_done/on_log run | HOSTS.md (observed); Envoy stream reset |
 //! | end callbacks | on_log, on_done, on_delete | on_done, on_log, on_delete | ngx log then done steps; cpp-host onDestroy/log |
 //! | `on_configure` false | the load fails (Kong stops the worker) | the load fails | HOSTS.md |
+//! | `proxy_get_log_level` | traps: mapped to the NYI stub ("host function not yet implemented") | the level of the `wasm` logger | ngx_proxy_wasm_host.c (`ngx_proxy_wasm_hfuncs_nop` → `NGX_WAVM_NYI`), ngx_wavm.c (NYI is a trap) |
+//! | metrics (`proxy_define_metric`) | stored as `pw.<filter>.<name>`, the whole name within `max_metric_name_length` (256; longer traps); Kong's Prometheus plugin exports `pw_<filter>_<name>` | `wasmcustom.<name>` in `/stats`, `<name>` in `/stats/prometheus` | [`exposition`]; ngx_wasm_module docs/METRICS.md "Name Prefixing"; Kong kong/plugins/prometheus/wasmx.lua; Envoy source/extensions/common/wasm/ `CustomMetricNamespace`, admin/prometheus_stats.cc `metricName` |
 //!
 //! ## Checked against the hosts' source
 //!
@@ -214,6 +217,7 @@ pub mod client;
 pub mod connections;
 pub mod contexts;
 pub mod dispatch;
+pub mod exposition;
 pub mod host;
 pub mod hostcalls;
 pub mod observed;

@@ -30,13 +30,22 @@ pub fn capture_backend_logs() {
     use tracing_subscriber::util::SubscriberInitExt as _;
     static INSTALLED: std::sync::OnceLock<()> = std::sync::OnceLock::new();
     INSTALLED.get_or_init(|| {
-        let filter = tracing_subscriber::filter::Targets::new()
-            .with_default(tracing::Level::INFO)
-            .with_target("idempotency_server", tracing::Level::TRACE);
         let _ = tracing_subscriber::registry()
-            .with(tracing_subscriber::Layer::with_filter(Capture, filter))
+            .with(capture_layer())
             .try_init();
     });
+}
+
+/// The layer [`capture_backend_logs`] installs, with its own level filter, for a test binary
+/// whose one subscriber has other layers too (`tracing` allows one per process).
+pub fn capture_layer<S>() -> impl tracing_subscriber::Layer<S>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    let filter = tracing_subscriber::filter::Targets::new()
+        .with_default(tracing::Level::INFO)
+        .with_target("idempotency_server", tracing::Level::TRACE);
+    tracing_subscriber::Layer::with_filter(Capture, filter)
 }
 
 /// Every backend event captured so far: `LEVEL target: message field=value …`.

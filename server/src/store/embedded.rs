@@ -34,8 +34,10 @@
 //! # Layout
 //!
 //! - `captures`: key → [`Entry`] as JSON (small, self-describing, readable in a debugger).
-//! - `expiry`: `(expires_at_ms, key)` → `()`, an index kept in step with `captures`, so that the
-//!   purge is a range scan over what has expired and never a full table walk.
+//! - `expiry`: `(purge_at_ms, key)` → `()`, an index kept in step with `captures`, so that the
+//!   purge is a range scan over what has expired and never a full table walk. An entry is
+//!   purged at its expiry, a lease [`TAKEOVER_WINDOW`](super::TAKEOVER_WINDOW) later
+//!   ([`Entry::purge_at`]), so that its takeover is seen.
 //! - `meta`: the journal's generation (see [`journal`]).
 //!
 //! Deleted entries free their pages, which redb reuses for later writes: with the purge running,
@@ -68,6 +70,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter};
 use redb::{Database, Durability, ReadableDatabase as _, ReadableTable, Table, TableDefinition};
 use tokio::sync::{mpsc, oneshot};
 
@@ -109,6 +112,8 @@ pub struct EmbeddedOptions {
     /// ...or this long after the last one, whichever comes first: it bounds the journal's
     /// size, the work of an open after a crash, and what redb keeps unsynced in memory.
     pub checkpoint_interval: Duration,
+    /// How long the purge keeps an expired lease ([`super::TAKEOVER_WINDOW`]).
+    pub takeover_window: Duration,
 }
 
 impl EmbeddedOptions {
@@ -120,6 +125,7 @@ impl EmbeddedOptions {
             queue: 8192,
             checkpoint_bytes: 16 << 20,
             checkpoint_interval: Duration::from_secs(1),
+            takeover_window: super::TAKEOVER_WINDOW,
         }
     }
 }
@@ -141,16 +147,104 @@ pub enum OpenError {
     Journal { path: PathBuf, why: String },
 }
 
-/// Counters of the writer, for the benchmark and the shutdown log.
-#[derive(Debug, Default)]
+/// Counters and histograms of the writer and the syncer: for the benchmark, the shutdown log,
+/// and the server's metrics (`idempotency_server_embedded_*`, [`Store::register_metrics`]).
+/// Each update is one atomic add.
+#[derive(Debug, Clone)]
 struct Counters {
-    operations: AtomicU64,
-    reads: AtomicU64,
-    batches: AtomicU64,
-    commits: AtomicU64,
-    syncs: AtomicU64,
-    checkpoints: AtomicU64,
-    purged: AtomicU64,
+    operations: IntCounter,
+    reads: IntCounter,
+    batches: IntCounter,
+    commits: IntCounter,
+    syncs: IntCounter,
+    checkpoints: IntCounter,
+    purged: IntCounter,
+    /// Operations per write transaction: the group commit's batch size.
+    batch_operations: Histogram,
+    /// From a batch's commit until it is durable: its journal record synced, or its
+    /// checkpoint committed durably (the family, and its two children).
+    commit: HistogramVec,
+    journal_commit: Histogram,
+    checkpoint_commit: Histogram,
+}
+
+impl Counters {
+    /// Adds them to the server's metrics (`GET /metrics`).
+    fn register(&self, registry: &prometheus::Registry) {
+        let c = self.clone();
+        let collectors: [Box<dyn prometheus::core::Collector>; 9] = [
+            Box::new(c.operations),
+            Box::new(c.reads),
+            Box::new(c.batches),
+            Box::new(c.commits),
+            Box::new(c.syncs),
+            Box::new(c.checkpoints),
+            Box::new(c.purged),
+            Box::new(c.batch_operations),
+            Box::new(c.commit),
+        ];
+        for collector in collectors {
+            if let Err(e) = registry.register(collector) {
+                tracing::warn!(error = %e, "the embedded store's metrics are registered already");
+            }
+        }
+    }
+}
+
+impl Default for Counters {
+    fn default() -> Counters {
+        let counter = |name: &str, help: &str| {
+            IntCounter::new(format!("{}embedded_{name}", crate::metrics::PREFIX), help)
+                .expect("a valid metric")
+        };
+        let commit = HistogramVec::new(
+            HistogramOpts::new(
+                format!("{}embedded_commit_duration_seconds", crate::metrics::PREFIX),
+                "From a write transaction's commit until it is durable: its journal record synced (journal), or a durable commit of redb (checkpoint).",
+            )
+            .buckets(crate::metrics::LATENCY_BUCKETS.to_vec()),
+            &["kind"],
+        )
+        .expect("a valid metric");
+        Counters {
+            operations: counter(
+                "operations_total",
+                "Allocations, records and releases the embedded store applied, including those answered by a read.",
+            ),
+            reads: counter(
+                "reads_total",
+                "Allocations of a live key answered from a read transaction, without the writer.",
+            ),
+            batches: counter(
+                "transactions_total",
+                "Write transactions begun by the writer (each carries one or more operations).",
+            ),
+            commits: counter(
+                "commits_total",
+                "Write transactions that changed something (journaled, or committed durably).",
+            ),
+            syncs: counter(
+                "syncs_total",
+                "Syncs to disk: fdatasync of the journal (each covers every transaction journaled before it) and durable commits.",
+            ),
+            checkpoints: counter(
+                "checkpoints_total",
+                "Durable commits of redb after which the journal started over.",
+            ),
+            purged: counter("purged_total", "Expired entries deleted by the purge."),
+            batch_operations: Histogram::with_opts(
+                HistogramOpts::new(
+                    format!("{}embedded_transaction_operations", crate::metrics::PREFIX),
+                    "Operations (allocations, records, releases, batch items) per write transaction: the group commit's batch size.",
+                )
+                .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0]),
+            )
+            .expect("a valid metric"),
+            journal_commit: commit.with_label_values(&["journal"]),
+            checkpoint_commit: commit.with_label_values(&["checkpoint"]),
+            commit,
+        }
+    }
 }
 
 /// A snapshot of the store's counters.
@@ -270,6 +364,14 @@ impl EmbeddedStore {
     /// journal's records since its last durable commit, and start the writer and syncer
     /// threads. Blocking: call it from `spawn_blocking` inside a runtime.
     pub fn open(options: EmbeddedOptions) -> Result<EmbeddedStore, OpenError> {
+        EmbeddedStore::open_counting(options, Counters::default())
+    }
+
+    /// Opens it counting into `counters` (those of a store it replaces: [`Reopening`]).
+    fn open_counting(
+        options: EmbeddedOptions,
+        counters: Counters,
+    ) -> Result<EmbeddedStore, OpenError> {
         let dir = options.data_dir.clone();
         std::fs::create_dir_all(&dir).map_err(|source| OpenError::Io {
             what: "create the data dir",
@@ -311,10 +413,12 @@ impl EmbeddedStore {
                 .map_or(0, |v| v.value());
             let (journal, records) = Journal::open(&dir, generation).map_err(journal_io)?;
             for record in &records {
-                replay(&mut captures, &mut expiry, record).map_err(|why| OpenError::Journal {
-                    path: journal_path.clone(),
-                    why,
-                })?;
+                replay(&mut captures, &mut expiry, record, options.takeover_window).map_err(
+                    |why| OpenError::Journal {
+                        path: journal_path.clone(),
+                        why,
+                    },
+                )?;
             }
             meta.insert(GENERATION, generation + 1)
                 .map_err(|e| db_error(e.into()))?;
@@ -330,7 +434,10 @@ impl EmbeddedStore {
         }
 
         let db = Arc::new(db);
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared {
+            counters,
+            ..Shared::default()
+        });
         let (to_syncer, synced) = std::sync::mpsc::channel();
         let sync_file = journal.sync_handle().map_err(journal_io)?;
         let syncer = {
@@ -391,13 +498,13 @@ impl EmbeddedStore {
     pub fn stats(&self) -> Stats {
         let c = &self.shared.counters;
         Stats {
-            operations: c.operations.load(Ordering::Relaxed),
-            reads: c.reads.load(Ordering::Relaxed),
-            batches: c.batches.load(Ordering::Relaxed),
-            commits: c.commits.load(Ordering::Relaxed),
-            syncs: c.syncs.load(Ordering::Relaxed),
-            checkpoints: c.checkpoints.load(Ordering::Relaxed),
-            purged: c.purged.load(Ordering::Relaxed),
+            operations: c.operations.get(),
+            reads: c.reads.get(),
+            batches: c.batches.get(),
+            commits: c.commits.get(),
+            syncs: c.syncs.get(),
+            checkpoints: c.checkpoints.get(),
+            purged: c.purged.get(),
         }
     }
 
@@ -440,8 +547,8 @@ impl EmbeddedStore {
         match super::allocate(Some(&current), request, now, String::new) {
             (outcome, Change::None) => {
                 let c = &self.shared.counters;
-                c.operations.fetch_add(1, Ordering::Relaxed);
-                c.reads.fetch_add(1, Ordering::Relaxed);
+                c.operations.inc();
+                c.reads.inc();
                 Some(outcome)
             }
             _ => None,
@@ -488,6 +595,10 @@ impl Store for EmbeddedStore {
 
     async fn purge_expired(&self, limit: usize) -> Result<usize, StoreError> {
         self.call(|reply| Command::Purge(limit, reply)).await
+    }
+
+    fn register_metrics(&self, registry: &prometheus::Registry) {
+        self.shared.counters.register(registry);
     }
 
     async fn shutdown(&self) -> Result<(), StoreError> {
@@ -587,6 +698,8 @@ type Pending = Box<dyn FnOnce(Option<&StoreError>) + Send>;
 struct ToSync {
     number: u64,
     pending: Vec<Pending>,
+    /// When its commit began, for a batch that changed something (its commit latency).
+    committed: Option<Instant>,
 }
 
 fn answer<T: Send + 'static>(reply: Reply<T>, result: Result<T, StoreError>) -> Pending {
@@ -617,7 +730,7 @@ fn sync(file: File, batches: std::sync::mpsc::Receiver<ToSync>, shared: &Shared)
         } else {
             match file.sync_data() {
                 Ok(()) => {
-                    shared.counters.syncs.fetch_add(1, Ordering::Relaxed);
+                    shared.counters.syncs.inc();
                     shared.durable.fetch_max(upto, Ordering::SeqCst);
                     Ok(())
                 }
@@ -630,6 +743,12 @@ fn sync(file: File, batches: std::sync::mpsc::Receiver<ToSync>, shared: &Shared)
         };
         let error = outcome.err();
         for batch in ready {
+            if let (None, Some(committed)) = (&error, batch.committed) {
+                shared
+                    .counters
+                    .journal_commit
+                    .observe(committed.elapsed().as_secs_f64());
+            }
             for done in batch.pending {
                 done(error.as_ref());
             }
@@ -679,7 +798,21 @@ impl Writer {
     /// If the batch carried a shutdown, returns its reply and whether what came before it was
     /// made durable (commands after it are refused).
     fn apply(&mut self, batch: Vec<Command>) -> Option<(Reply<()>, Result<(), StoreError>)> {
-        self.shared.counters.batches.fetch_add(1, Ordering::Relaxed);
+        self.shared.counters.batches.inc();
+        let operations: usize = batch
+            .iter()
+            .map(|command| match command {
+                Command::Allocate(..) | Command::Record(..) | Command::Release(..) => 1,
+                Command::Batch(ops, _) => ops.len(),
+                Command::Purge(..) | Command::Ping(_) | Command::Shutdown(_) => 0,
+            })
+            .sum();
+        if operations > 0 {
+            self.shared
+                .counters
+                .batch_operations
+                .observe(operations as f64);
+        }
         if let Err(e) = self.shared.failed() {
             return fail_all(batch, &e);
         }
@@ -701,6 +834,7 @@ impl Writer {
                 expiry: txn.open_table(EXPIRY)?,
                 counters: &self.shared.counters,
                 journal: &mut self.payload,
+                takeover_window: self.options.takeover_window,
             };
             let now = now_ms();
             for command in rest.by_ref() {
@@ -748,10 +882,7 @@ impl Writer {
                     Command::Purge(limit, reply) => {
                         let (rows, purged) = purge(&mut tables, now, limit)?;
                         changed |= rows > 0;
-                        self.shared
-                            .counters
-                            .purged
-                            .fetch_add(purged as u64, Ordering::Relaxed);
+                        self.shared.counters.purged.inc_by(purged as u64);
                         pending.push(answer(reply, Ok(rows)));
                     }
                     Command::Ping(reply) => {
@@ -785,7 +916,7 @@ impl Writer {
             // Nothing to make durable: no sync; the answers wait only for an earlier batch's.
             Ok(()) => txn.abort().map_err(unavailable).and_then(|()| {
                 if self.shared.durable.load(Ordering::SeqCst) < self.number {
-                    self.to_syncer(self.number, pending)
+                    self.to_syncer(self.number, pending, None)
                 } else {
                     Ok(pending)
                 }
@@ -815,6 +946,7 @@ impl Writer {
         let number = self.number + 1;
         // Before the commit is visible: readers then know the snapshot may hold it.
         self.shared.visible.store(number, Ordering::SeqCst);
+        let committed = Instant::now();
         let written = txn
             .set_durability(Durability::None)
             .map_err(unavailable)
@@ -827,14 +959,23 @@ impl Writer {
             return Err(e);
         }
         self.number = number;
-        self.shared.counters.commits.fetch_add(1, Ordering::Relaxed);
-        self.to_syncer(number, pending)
+        self.shared.counters.commits.inc();
+        self.to_syncer(number, pending, Some(committed))
     }
 
-    fn to_syncer(&self, number: u64, pending: Vec<Pending>) -> Result<Vec<Pending>, StoreError> {
+    fn to_syncer(
+        &self,
+        number: u64,
+        pending: Vec<Pending>,
+        committed: Option<Instant>,
+    ) -> Result<Vec<Pending>, StoreError> {
         let syncer = self.to_syncer.as_ref().ok_or(StoreError::Closed)?;
         syncer
-            .send(ToSync { number, pending })
+            .send(ToSync {
+                number,
+                pending,
+                committed,
+            })
             .map_err(|_| StoreError::Unavailable("the syncer thread is gone".into()))?;
         Ok(Vec::new())
     }
@@ -848,6 +989,7 @@ impl Writer {
     ) -> Result<Vec<Pending>, StoreError> {
         let number = self.number + 1;
         self.shared.visible.store(number, Ordering::SeqCst);
+        let started = Instant::now();
         let committed = (|| -> Result<(), redb::Error> {
             txn.open_table(META)?
                 .insert(GENERATION, self.generation + 1)?;
@@ -868,9 +1010,10 @@ impl Writer {
         self.last_checkpoint = Instant::now();
         self.shared.durable.fetch_max(number, Ordering::SeqCst);
         let c = &self.shared.counters;
-        c.commits.fetch_add(1, Ordering::Relaxed);
-        c.syncs.fetch_add(1, Ordering::Relaxed);
-        c.checkpoints.fetch_add(1, Ordering::Relaxed);
+        c.commits.inc();
+        c.syncs.inc();
+        c.checkpoints.inc();
+        c.checkpoint_commit.observe(started.elapsed().as_secs_f64());
         Ok(pending)
     }
 }
@@ -882,6 +1025,7 @@ struct Tables<'t> {
     expiry: Table<'t, (u64, &'static str), ()>,
     counters: &'t Counters,
     journal: &'t mut Vec<u8>,
+    takeover_window: Duration,
 }
 
 /// One allocation, record or release, the same for the three: read the key's entry, run the
@@ -917,7 +1061,7 @@ fn step<T>(
         }
         Err(e) => Err(e),
     };
-    tables.counters.operations.fetch_add(1, Ordering::Relaxed);
+    tables.counters.operations.inc();
     Ok((result, changed))
 }
 
@@ -947,12 +1091,13 @@ fn read(
     Ok(serde_json::from_slice(value.value())
         .map(Some)
         .map_err(|e| {
+            let error = super::undecodable("a stored entry", &e);
             tracing::error!(
-                key = %crate::logging::key_digest(key),
-                error = %e,
+                key = %idempotency_spec::key_digest(key),
+                %error,
                 "an entry cannot be decoded"
             );
-            StoreError::Corrupt(e.to_string())
+            error
         }))
 }
 
@@ -964,21 +1109,22 @@ fn write(
     current: Option<&Entry>,
     change: Change,
 ) -> Result<bool, redb::Error> {
-    let old_expiry = current.map(Entry::expires_at);
+    let window = tables.takeover_window;
+    let old_expiry = current.map(|e| e.purge_at(window));
     match change {
         Change::None => return Ok(false),
         Change::Put(entry) => {
             let bytes = serde_json::to_vec(&entry).expect("an entry always encodes");
-            let expires_at = entry.expires_at();
+            let purge_at = entry.purge_at(window);
             put(
                 &mut tables.captures,
                 &mut tables.expiry,
                 key,
                 old_expiry,
-                expires_at,
+                purge_at,
                 &bytes,
             )?;
-            journal_put(tables.journal, key, expires_at, &bytes);
+            journal_put(tables.journal, key, purge_at, &bytes);
         }
         Change::Delete => {
             delete(&mut tables.captures, &mut tables.expiry, key, old_expiry)?;
@@ -1017,15 +1163,17 @@ fn delete(
     Ok(())
 }
 
-// A journal record is the batch's changes in order, each `P | key_len u16 | key | expires_at
+// A journal record is the batch's changes in order, each `P | key_len u16 | key | purge_at
 // u64 | len u32 | entry` or `D | key_len u16 | key` (little endian): applying them again on
 // top of any state the batch started from, or already ended in, gives the state it ended in.
+// (`purge_at` is the entry's row in the expiry index; records written before leases were kept
+// for the takeover window hold a lease's expiry there, which the purge moves, see `purge`.)
 const PUT: u8 = b'P';
 const DELETE: u8 = b'D';
 
-fn journal_put(journal: &mut Vec<u8>, key: &str, expires_at: UnixMillis, entry: &[u8]) {
+fn journal_put(journal: &mut Vec<u8>, key: &str, purge_at: UnixMillis, entry: &[u8]) {
     journal_delete_or_put(journal, PUT, key);
-    journal.extend_from_slice(&expires_at.to_le_bytes());
+    journal.extend_from_slice(&purge_at.to_le_bytes());
     journal.extend_from_slice(&(entry.len() as u32).to_le_bytes());
     journal.extend_from_slice(entry);
 }
@@ -1046,6 +1194,7 @@ fn replay(
     captures: &mut Table<&str, &[u8]>,
     expiry: &mut Table<(u64, &str), ()>,
     mut record: &[u8],
+    takeover_window: Duration,
 ) -> Result<(), String> {
     fn take<'a>(record: &mut &'a [u8], n: usize) -> Result<&'a [u8], String> {
         if record.len() < n {
@@ -1063,16 +1212,16 @@ fn replay(
             .map_err(|_| "a key is not UTF-8".to_owned())?;
         // The entry it replaces, for its row of the expiry index.
         let old_expiry = match read(captures, key).map_err(db)? {
-            Ok(current) => current.as_ref().map(Entry::expires_at),
+            Ok(current) => current.as_ref().map(|e| e.purge_at(takeover_window)),
             Err(e) => return Err(e.to_string()),
         };
         match op {
             PUT => {
-                let expires_at =
+                let purge_at =
                     u64::from_le_bytes(take(&mut record, 8)?.try_into().expect("8 bytes"));
                 let len = u32::from_le_bytes(take(&mut record, 4)?.try_into().expect("4 bytes"));
                 let bytes = take(&mut record, len as usize)?;
-                put(captures, expiry, key, old_expiry, expires_at, bytes).map_err(db)?;
+                put(captures, expiry, key, old_expiry, purge_at, bytes).map_err(db)?;
             }
             DELETE => delete(captures, expiry, key, old_expiry).map_err(db)?,
             other => return Err(format!("unknown change {other:#x}")),
@@ -1081,36 +1230,145 @@ fn replay(
     Ok(())
 }
 
-/// Delete up to `limit` entries whose expiry has passed, oldest first. Returns how many index
-/// rows were consumed (`limit` means there may be more) and how many entries were deleted.
+/// Delete up to `limit` entries whose time has come ([`Entry::purge_at`]), oldest first.
+/// Returns how many index rows were consumed (`limit` means there may be more) and how many
+/// entries were deleted.
 fn purge(
     tables: &mut Tables<'_>,
     now: UnixMillis,
     limit: usize,
 ) -> Result<(usize, usize), redb::Error> {
-    // Everything that expired at or before `now` (an entry is free from its expiry on).
+    // Every row due at or before `now` (an entry is free from its expiry on).
     let due: Vec<(u64, String)> = tables
         .expiry
         .range::<(u64, &str)>(..(now.saturating_add(1), ""))?
         .take(limit)
         .map(|row| row.map(|(k, _)| (k.value().0, k.value().1.to_owned())))
         .collect::<Result<_, _>>()?;
+    let window = tables.takeover_window;
     let mut purged = 0;
     for (at, key) in &due {
         tables.expiry.remove((*at, key.as_str()))?;
-        // The index row may be stale only if the entry changed without it, which `write` never
-        // does; still, delete the entry only if it really is the expired one.
-        let expired = match tables.captures.get(key.as_str())? {
-            Some(value) => serde_json::from_slice::<Entry>(value.value())
-                .map(|e| e.expires_at() == *at && !e.is_live(now))
-                .unwrap_or(false),
-            None => false,
+        let entry = match tables.captures.get(key.as_str())? {
+            Some(value) => serde_json::from_slice::<Entry>(value.value()).ok(),
+            None => None,
         };
-        if expired {
+        // The row is the entry's own if it sits at its purge time, or at its expiry: a row
+        // written before leases were kept for the takeover window (an older data dir or
+        // journal). Any other row is stale (the index changes only with its entry, so this
+        // is a safeguard) and only goes.
+        let Some(entry) = entry.filter(|e| *at == e.purge_at(window) || *at == e.expires_at())
+        else {
+            continue;
+        };
+        let purge_at = entry.purge_at(window);
+        if purge_at <= now && !entry.is_live(now) {
             tables.captures.remove(key.as_str())?;
             journal_delete(tables.journal, key);
             purged += 1;
+        } else {
+            // An old row of a lease still in its takeover window: moved to its purge time.
+            tables.expiry.insert((purge_at, key.as_str()), ())?;
         }
     }
     Ok((due.len(), purged))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WINDOW: Duration = Duration::from_secs(60);
+
+    fn lease(expires_at: UnixMillis) -> Entry {
+        Entry::Allocated {
+            lease_token: "t".into(),
+            lease_expires_at: expires_at,
+            fingerprint: None,
+        }
+    }
+
+    /// What `purge` reported (rows consumed, entries deleted), and the index rows and keys
+    /// left after it.
+    type Purged = ((usize, usize), Vec<(u64, String)>, Vec<String>);
+
+    /// Runs `purge` on a database holding `entries` (key, entry, its row in the expiry
+    /// index).
+    fn purged(entries: &[(&str, Entry, u64)], now: UnixMillis) -> Purged {
+        let db = Database::builder()
+            .create_with_backend(redb::backends::InMemoryBackend::new())
+            .unwrap();
+        let txn = db.begin_write().unwrap();
+        let counters = Counters::default();
+        let mut journal = Vec::new();
+        let result = {
+            let mut tables = Tables {
+                captures: txn.open_table(CAPTURES).unwrap(),
+                expiry: txn.open_table(EXPIRY).unwrap(),
+                counters: &counters,
+                journal: &mut journal,
+                takeover_window: WINDOW,
+            };
+            for (key, entry, row) in entries {
+                let bytes = serde_json::to_vec(entry).unwrap();
+                tables.captures.insert(*key, bytes.as_slice()).unwrap();
+                tables.expiry.insert((*row, *key), ()).unwrap();
+            }
+            let result = purge(&mut tables, now, 100).unwrap();
+            let rows = tables
+                .expiry
+                .iter()
+                .unwrap()
+                .map(|r| {
+                    let (k, _) = r.unwrap();
+                    (k.value().0, k.value().1.to_owned())
+                })
+                .collect();
+            let keys = tables
+                .captures
+                .iter()
+                .unwrap()
+                .map(|r| r.unwrap().0.value().to_owned())
+                .collect();
+            (result, rows, keys)
+        };
+        txn.abort().unwrap();
+        result
+    }
+
+    #[test]
+    fn an_expired_lease_is_purged_a_window_after_its_expiry() {
+        let entry = lease(1_000);
+        let at = entry.purge_at(WINDOW);
+        assert_eq!(at, 61_000);
+        // Within the window its row is not due.
+        let (_, rows, keys) = purged(&[("k", entry.clone(), at)], 30_000);
+        assert_eq!(rows, [(at, "k".to_owned())]);
+        assert_eq!(keys, ["k"]);
+        let ((rows, deleted), left, keys) = purged(&[("k", entry, at)], at);
+        assert_eq!((rows, deleted), (1, 1));
+        assert!(left.is_empty() && keys.is_empty());
+    }
+
+    #[test]
+    fn a_row_at_a_leases_expiry_is_moved_to_its_purge_time() {
+        // As a data dir or journal of an earlier version indexed a lease: at its expiry.
+        let entry = lease(1_000);
+        let ((rows, deleted), left, keys) = purged(&[("old", entry.clone(), 1_000)], 2_000);
+        assert_eq!((rows, deleted), (1, 0));
+        assert_eq!(left, [(61_000, "old".to_owned())]);
+        assert_eq!(keys, ["old"]);
+        // Past the window, such a row deletes the entry at once.
+        let ((_, deleted), left, keys) = purged(&[("old", entry, 1_000)], 61_000);
+        assert_eq!(deleted, 1);
+        assert!(left.is_empty() && keys.is_empty());
+    }
+
+    #[test]
+    fn a_stale_row_goes_and_its_entry_stays() {
+        let ((rows, deleted), left, keys) = purged(&[("k", lease(500_000), 1_000)], 2_000);
+        assert_eq!((rows, deleted), (1, 0));
+        assert!(left.is_empty());
+        assert_eq!(keys, ["k"]);
+    }
 }

@@ -14,6 +14,7 @@
 //! on when its purge (or TTL monitor, or key expiry) runs.
 
 pub mod embedded;
+pub mod metered;
 pub mod mongodb;
 pub mod redis;
 
@@ -40,6 +41,14 @@ pub fn now_ms() -> UnixMillis {
 pub fn after(now: UnixMillis, d: Duration) -> UnixMillis {
     now.saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
+
+/// How long a store keeps a lease after it expired, so that the allocation that takes it over
+/// is told so ([`AllocateOutcome::Allocated`]'s `taken_over`): the embedded store's purge and
+/// Redis's key expiry leave an expired lease this much longer (MongoDB's TTL monitor deletes
+/// it within a minute, on its own schedule). An expired lease is free all the same: this never
+/// changes an answer, only what the next allocation is counted as. As long as the default
+/// lease, so that it at most doubles what unrecorded leases take.
+pub const TAKEOVER_WINDOW: Duration = Duration::from_secs(60);
 
 /// A new lease token: 128 random bits, hex-encoded. Unguessable, so that only the holder of an
 /// allocation can record or release it (when it presents its token).
@@ -108,6 +117,12 @@ pub enum AllocateOutcome {
     Allocated {
         lease_token: String,
         lease_expires_at: UnixMillis,
+        /// The key held an expired lease, which this allocation took over: its holder never
+        /// recorded or released it (a lost record, or an upstream slower than the lease).
+        /// Known while the store still keeps the expired lease ([`TAKEOVER_WINDOW`]); after
+        /// that a takeover looks like a first allocation. Only for the metrics: the answer
+        /// is the same 202.
+        taken_over: bool,
     },
     /// The key was recorded earlier: replay this. 200.
     Completed(Capture),
@@ -145,8 +160,22 @@ pub enum StoreError {
     Closed,
     #[error("the store is unavailable: {0}")]
     Unavailable(String),
+    /// A shared store did not answer within `--store-timeout`.
+    #[error("the store did not answer in time: {0}")]
+    TimedOut(String),
     #[error("a stored entry cannot be decoded: {0}")]
     Corrupt(String),
+}
+
+/// A stored entry that cannot be decoded, said without its contents: serde's message quotes
+/// the value it stumbled on (a body, a header, a token), which must never reach a log.
+pub(crate) fn undecodable(what: &str, e: &serde_json::Error) -> StoreError {
+    StoreError::Corrupt(format!(
+        "{what}: {:?} error at line {} column {}",
+        e.classify(),
+        e.line(),
+        e.column()
+    ))
 }
 
 /// Whether a shared store (Redis, MongoDB) was shut down: from then on its operations fail
@@ -238,6 +267,11 @@ pub trait Store: Send + Sync + 'static {
     /// A cheap round trip through the store, for `/-/ready`.
     async fn ready(&self) -> Result<(), StoreError>;
 
+    /// Add the store's own metrics to the server's (`GET /metrics`); the default has none.
+    fn register_metrics(&self, registry: &prometheus::Registry) {
+        let _ = registry;
+    }
+
     /// Delete up to `limit` entries whose expiry has passed; returns how many expired entries
     /// it went through (`limit` means there may be more: call again). Only for stores
     /// that do not expire entries by themselves (a TTL index, key expiry): the default does
@@ -296,6 +330,17 @@ impl Entry {
         }
     }
 
+    /// When a store may delete this entry: at its expiry, except for a lease, which is kept
+    /// `takeover_window` longer ([`TAKEOVER_WINDOW`]) so that its takeover is seen.
+    pub fn purge_at(&self, takeover_window: Duration) -> UnixMillis {
+        match self {
+            Entry::Allocated {
+                lease_expires_at, ..
+            } => after(*lease_expires_at, takeover_window),
+            Entry::Completed { expires_at, .. } => *expires_at,
+        }
+    }
+
     /// Live until its expiry, free from that millisecond on.
     pub fn is_live(&self, now: UnixMillis) -> bool {
         now < self.expires_at()
@@ -331,7 +376,8 @@ pub fn fingerprints_conflict(stored: Option<&str>, presented: Option<&str>) -> b
 
 /// Allocate: free → allocated (202); allocated with a live lease → in flight (409); completed →
 /// replay (200); a fingerprint mismatch in either live state → 422, checked first. An expired
-/// entry is free, so an expired lease is taken over with a new token and fingerprint.
+/// entry is free, so an expired lease is taken over with a new token and fingerprint (and the
+/// outcome says it was taken over).
 pub fn allocate(
     current: Option<&Entry>,
     request: &Allocate,
@@ -340,6 +386,7 @@ pub fn allocate(
 ) -> (AllocateOutcome, Change) {
     match current.filter(|e| e.is_live(now)) {
         None => {
+            let taken_over = matches!(current, Some(Entry::Allocated { .. }));
             let lease_token = new_token();
             let lease_expires_at = after(now, request.lease);
             let entry = Entry::Allocated {
@@ -351,6 +398,7 @@ pub fn allocate(
                 AllocateOutcome::Allocated {
                     lease_token,
                     lease_expires_at,
+                    taken_over,
                 },
                 Change::Put(entry),
             )
@@ -481,7 +529,8 @@ mod tests {
             outcome,
             AllocateOutcome::Allocated {
                 lease_token: "t".into(),
-                lease_expires_at: NOW + 500
+                lease_expires_at: NOW + 500,
+                taken_over: false,
             }
         );
         assert_eq!(change, Change::Put(allocated("t", Some("f"))));
@@ -515,7 +564,8 @@ mod tests {
             outcome,
             AllocateOutcome::Allocated {
                 lease_token: "new".into(),
-                lease_expires_at: NOW + 1000
+                lease_expires_at: NOW + 1000,
+                taken_over: true,
             }
         );
         assert_eq!(
@@ -560,7 +610,21 @@ mod tests {
     fn completed_capture_expires_after_retention() {
         let entry = completed(None);
         let (outcome, _) = allocate(Some(&entry), &alloc(None), NOW + 10_000, || "t".into());
-        assert!(matches!(outcome, AllocateOutcome::Allocated { .. }));
+        // A new allocation, not a takeover: the capture was recorded.
+        assert!(matches!(
+            outcome,
+            AllocateOutcome::Allocated {
+                taken_over: false,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_lease_is_purged_a_window_after_its_expiry_a_capture_at_it() {
+        let window = Duration::from_secs(60);
+        assert_eq!(allocated("t", None).purge_at(window), NOW + 500 + 60_000);
+        assert_eq!(completed(None).purge_at(window), NOW + 10_000);
     }
 
     #[test]

@@ -107,6 +107,8 @@ const TOKEN: &str = "lease_token";
 const FINGERPRINT: &str = "fingerprint";
 const CAPTURE: &str = "capture";
 const EXPIRES_AT: &str = "expires_at";
+/// In an allocation that took an expired lease over: `true` (absent otherwise).
+const TAKEN_OVER: &str = "taken_over";
 const ALLOCATED: &str = "allocated";
 const COMPLETED: &str = "completed";
 
@@ -293,7 +295,7 @@ impl MongoStore {
     ) -> Result<T, Failure> {
         match tokio::time::timeout(self.timeout, call).await {
             Ok(result) => result.map_err(|e| classify(&e)),
-            Err(_) => Err(Failure::Transient(format!(
+            Err(_) => Err(Failure::TimedOut(format!(
                 "no answer within {:?}",
                 self.timeout
             ))),
@@ -361,8 +363,10 @@ fn live() -> Bson {
 /// - the key is **free** (no document, so the upsert's `{idempotency_key: K}`; or a document
 ///   whose `expires_at` has passed: an expired lease or capture): it becomes a new allocation,
 ///   replacing everything (the old token, fingerprint and capture are forgotten), with the
-///   caller's new token, the presented fingerprint (none when absent or empty) and
-///   `expires_at = $$NOW + lease`.
+///   caller's new token, the presented fingerprint (none when absent or empty),
+///   `expires_at = $$NOW + lease`, and `taken_over: true` when what it replaced was an
+///   (expired) allocation, so that the caller learns it took a lease over (until the TTL
+///   monitor deletes an expired lease, within a minute: then it is a first allocation).
 pub fn allocate_update(
     key: &str,
     fingerprint: Option<&str>,
@@ -375,6 +379,8 @@ pub fn allocate_update(
         STATUS: ALLOCATED,
         TOKEN: literal(token),
         EXPIRES_AT: now_plus(lease_ms),
+        // `$$REMOVE`: no field at all, rather than a `false` in every document.
+        TAKEN_OVER: { "$cond": [{ "$eq": [format!("${STATUS}"), ALLOCATED] }, true, "$$REMOVE"] },
     };
     if let Some(fingerprint) = fingerprint.filter(|f| !f.is_empty()) {
         allocation.insert(FINGERPRINT, literal(fingerprint));
@@ -401,6 +407,7 @@ pub fn allocate_outcome(
         } if lease_token == token => Ok(AllocateOutcome::Allocated {
             lease_token,
             lease_expires_at,
+            taken_over: document.get_bool(TAKEN_OVER).unwrap_or(false),
         }),
         entry if fingerprints_conflict(entry.fingerprint(), fingerprint) => {
             Ok(AllocateOutcome::FingerprintMismatch)
@@ -436,7 +443,7 @@ pub fn record_update(capture: Document, retention_ms: i64) -> Vec<Document> {
             CAPTURE: literal(capture),
             EXPIRES_AT: now_plus(retention_ms),
         } },
-        doc! { "$unset": [TOKEN] },
+        doc! { "$unset": [TOKEN, TAKEN_OVER] },
     ]
 }
 
@@ -511,7 +518,10 @@ pub fn stray_update(retention_ms: i64) -> Vec<Document> {
 pub fn decode(document: &Document) -> Result<Entry, StoreError> {
     let corrupt = |why: &str| {
         let key = document.get_str(KEY).unwrap_or("?");
-        StoreError::Corrupt(format!("the document of {key}: {why}"))
+        StoreError::Corrupt(format!(
+            "the document of key {}: {why}",
+            idempotency_spec::key_digest(key)
+        ))
     };
     let expires_at: UnixMillis = match document.get(EXPIRES_AT) {
         None | Some(Bson::Null) => UnixMillis::MAX,
@@ -539,7 +549,8 @@ pub fn decode(document: &Document) -> Result<Entry, StoreError> {
                 capture.insert("response_headers", Bson::Array(Vec::new()));
             }
             let capture: Capture = bson::deserialize_from_document(capture)
-                .map_err(|e| corrupt(&format!("its capture: {e}")))?;
+                // Not the driver's message: it may quote a value of the capture.
+                .map_err(|_| corrupt("its capture is not a capture"))?;
             Ok(Entry::Completed {
                 capture,
                 expires_at,
@@ -740,6 +751,8 @@ pub enum Failure {
     /// Retrying cannot help (refused credentials, a bad URI, a conflicting index, a MongoDB
     /// older than the driver supports): a 503, and at start, a failure at once.
     Permanent(String),
+    /// No answer within `--store-timeout`: a 503, and at start, worth retrying.
+    TimedOut(String),
 }
 
 impl From<Failure> for StoreError {
@@ -752,6 +765,7 @@ impl From<Failure> for StoreError {
                 StoreError::Unavailable("a document would exceed MongoDB's 16 MiB".into())
             }
             Failure::Transient(why) | Failure::Permanent(why) => StoreError::Unavailable(why),
+            Failure::TimedOut(why) => StoreError::TimedOut(why),
         }
     }
 }
@@ -864,7 +878,7 @@ fn start_failure(error: MongoError) -> StartAttempt {
             StartAttempt::Fatal(why)
         }
         Failure::DuplicateKey | Failure::TooLarge => StartAttempt::Fatal(error.kind.to_string()),
-        Failure::Transient(why) => StartAttempt::Transient(why),
+        Failure::Transient(why) | Failure::TimedOut(why) => StartAttempt::Transient(why),
         Failure::Permanent(why) => StartAttempt::Fatal(why),
     }
 }
@@ -899,7 +913,7 @@ impl Store for MongoStore {
                 Ok(None) => Err(StoreError::Corrupt("an upsert returned no document".into())),
                 Err(Failure::DuplicateKey) if attempt < DUPLICATE_RETRIES => {
                     tracing::debug!(
-                        key = %crate::logging::key_digest(&request.key),
+                        key = %idempotency_spec::key_digest(&request.key),
                         "concurrent first allocations; retrying"
                     );
                     continue;
@@ -1051,6 +1065,7 @@ mod tests {
                     "status": "allocated",
                     "lease_token": { "$literal": "tok" },
                     "expires_at": { "$add": ["$$NOW", 60_000_i64] },
+                    "taken_over": { "$cond": [{ "$eq": ["$status", "allocated"] }, true, "$$REMOVE"] },
                     "fingerprint": { "$literal": "fp" },
                 },
             } } }]
@@ -1107,7 +1122,7 @@ mod tests {
                     } },
                     "expires_at": { "$add": ["$$NOW", 86_400_000_i64] },
                 } },
-                doc! { "$unset": ["lease_token"] },
+                doc! { "$unset": ["lease_token", "taken_over"] },
             ]
         );
     }
@@ -1253,7 +1268,18 @@ mod tests {
             allocate_outcome(&ours, "mine", None).unwrap(),
             AllocateOutcome::Allocated {
                 lease_token: "mine".into(),
-                lease_expires_at: 5_000
+                lease_expires_at: 5_000,
+                taken_over: false,
+            }
+        );
+        let taken = doc! { "idempotency_key": "k", "status": "allocated", "lease_token": "mine",
+        "expires_at": at(5_000), "taken_over": true };
+        assert_eq!(
+            allocate_outcome(&taken, "mine", None).unwrap(),
+            AllocateOutcome::Allocated {
+                lease_token: "mine".into(),
+                lease_expires_at: 5_000,
+                taken_over: true,
             }
         );
         let theirs = doc! { "idempotency_key": "k", "status": "allocated", "lease_token": "theirs",

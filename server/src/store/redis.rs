@@ -20,8 +20,9 @@
 //!
 //! The scripts read Redis's own clock (`TIME`), not the server process's: every process
 //! sharing the Redis sees the same instant, so their clocks need not agree, and the decisions
-//! of the scripts agree with Redis's own key expiry (`PEXPIREAT` at the entry's `expires_at`),
-//! which reclaims the memory of expired keys. As everywhere, an entry whose `expires_at` has
+//! of the scripts agree with Redis's own key expiry (`PEXPIREAT` at the entry's `expires_at`,
+//! or for a lease [`TAKEOVER_WINDOW`](super::TAKEOVER_WINDOW) later, so that the allocation
+//! that takes an expired lease over is told so), which reclaims the memory of expired keys. As everywhere, an entry whose `expires_at` has
 //! passed is free to every operation whether or not Redis has deleted it yet. (Redis 7
 //! replicates a script's effects, not the script, so reading `TIME` before writing is allowed
 //! and replicas and the AOF get the absolute `PEXPIREAT`.)
@@ -287,11 +288,9 @@ impl RedisStore {
             } else {
                 Duration::ZERO
             };
-        tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
-            Err(StoreError::Unavailable(format!(
-                "no answer within {limit:?}"
-            )))
-        })
+        tokio::time::timeout(limit, call)
+            .await
+            .unwrap_or_else(|_| Err(StoreError::TimedOut(format!("no answer within {limit:?}"))))
     }
 
     /// Run one operation's script (invoked on `key`), read its answer with `parse`, and when
@@ -384,7 +383,8 @@ impl Store for RedisStore {
         script
             .arg(request.fingerprint.as_deref().unwrap_or(""))
             .arg(millis(request.lease))
-            .arg(&token);
+            .arg(&token)
+            .arg(millis(super::TAKEOVER_WINDOW));
         self.run(
             &key,
             &script,
@@ -517,7 +517,8 @@ fn presented(token: Option<&str>) -> (&'static str, &str) {
 fn reply(value: Value) -> Result<(String, Vec<Value>), StoreError> {
     let Value::Array(mut items) = value else {
         return Err(StoreError::Corrupt(format!(
-            "unexpected script answer {value:?}"
+            "unexpected script answer ({})",
+            kind(&value)
         )));
     };
     if items.is_empty() {
@@ -534,7 +535,8 @@ fn text(value: Value) -> Result<String, StoreError> {
             .map_err(|_| StoreError::Corrupt("a script answer is not UTF-8".into())),
         Value::SimpleString(s) => Ok(s),
         other => Err(StoreError::Corrupt(format!(
-            "expected a string, got {other:?}"
+            "expected a string, got {}",
+            kind(&other)
         ))),
     }
 }
@@ -545,7 +547,8 @@ fn instant(values: &[Value]) -> Result<u64, StoreError> {
             u64::try_from(*ms).map_err(|_| StoreError::Corrupt(format!("a negative instant {ms}")))
         }
         other => Err(StoreError::Corrupt(format!(
-            "expected an instant, got {other:?}"
+            "expected an instant, got {}",
+            other.map_or("nothing", kind)
         ))),
     }
 }
@@ -557,6 +560,7 @@ fn parse_allocate(value: Value, token: String) -> Result<AllocateOutcome, StoreE
         "allocated" => Ok(AllocateOutcome::Allocated {
             lease_token: token,
             lease_expires_at: instant(&rest)?,
+            taken_over: matches!(rest.get(1), Some(Value::Int(1))),
         }),
         "in_flight" => Ok(AllocateOutcome::InFlight {
             lease_expires_at: instant(&rest)?,
@@ -564,9 +568,10 @@ fn parse_allocate(value: Value, token: String) -> Result<AllocateOutcome, StoreE
         "completed" => match rest.into_iter().next() {
             Some(Value::BulkString(json)) => serde_json::from_slice::<Capture>(&json)
                 .map(AllocateOutcome::Completed)
-                .map_err(|e| StoreError::Corrupt(format!("a stored capture: {e}"))),
+                .map_err(|e| super::undecodable("a stored capture", &e)),
             other => Err(StoreError::Corrupt(format!(
-                "a completed entry without its capture ({other:?})"
+                "a completed entry without its capture ({})",
+                other.as_ref().map_or("nothing", kind)
             ))),
         },
         "mismatch" => Ok(AllocateOutcome::FingerprintMismatch),
@@ -593,6 +598,21 @@ fn parse_release(value: Value) -> Result<ReleaseOutcome, StoreError> {
         "released" => Ok(ReleaseOutcome::Released),
         "forbidden" => Ok(ReleaseOutcome::Forbidden),
         other => Err(corrupt(other, rest)),
+    }
+}
+
+/// What kind of value Redis answered, for an error message: never the value itself, which
+/// may hold a capture.
+fn kind(value: &Value) -> &'static str {
+    match value {
+        Value::Nil => "nil",
+        Value::Int(_) => "an integer",
+        Value::BulkString(_) => "a bulk string",
+        Value::Array(_) => "an array",
+        Value::SimpleString(_) => "a simple string",
+        Value::Okay => "OK",
+        Value::ServerError(_) => "an error",
+        _ => "another type",
     }
 }
 
@@ -626,10 +646,27 @@ mod tests {
     #[test]
     fn allocate_answers() {
         assert_eq!(
-            parse_allocate(answer("allocated", vec![Value::Int(42)]), "t".into()).unwrap(),
+            parse_allocate(
+                answer("allocated", vec![Value::Int(42), Value::Int(0)]),
+                "t".into()
+            )
+            .unwrap(),
             AllocateOutcome::Allocated {
                 lease_token: "t".into(),
-                lease_expires_at: 42
+                lease_expires_at: 42,
+                taken_over: false,
+            }
+        );
+        assert_eq!(
+            parse_allocate(
+                answer("allocated", vec![Value::Int(42), Value::Int(1)]),
+                "t".into()
+            )
+            .unwrap(),
+            AllocateOutcome::Allocated {
+                lease_token: "t".into(),
+                lease_expires_at: 42,
+                taken_over: true,
             }
         );
         assert_eq!(

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod fake_mongod;
+pub mod prometheus;
 pub mod redis_server;
 
 use std::future::Future;
@@ -275,7 +276,7 @@ pub fn watch_waits() {
 /// tests (the holder acts only once the waiter is known to wait). The log names the key by
 /// its digest, never by itself.
 pub async fn waiting_on(key: &str) {
-    let wanted = format!("key={}", idempotency_server::logging::key_digest(key));
+    let wanted = format!("key={}", idempotency_spec::key_digest(key));
     eventually(&format!("a wait on {key}"), || async {
         idempotency_tests::secrets::backend_lines()
             .iter()
@@ -358,6 +359,12 @@ pub fn binary(args: &[&str], env: &[(&str, &str)]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_idempotency-server"));
     for name in CONFIG_ENV {
         command.env_remove(name);
+    }
+    // OpenTelemetry's settings too: a collector configured on this machine is not the test's.
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("OTEL_") {
+            command.env_remove(name);
+        }
     }
     command.args(args).envs(env.iter().copied());
     command

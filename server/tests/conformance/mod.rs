@@ -51,6 +51,10 @@ pub struct Harness {
     /// How far the store's clock may be from this process's (a store that uses its own clock
     /// on another host): comparisons of its instants with ours allow that much.
     pub clock_skew: Duration,
+    /// The store keeps an expired lease for the takeover window, so that the allocation that
+    /// takes it over says so (`taken_over`). MongoDB's TTL monitor may delete it at any time
+    /// after its expiry: there a takeover is not always known.
+    pub keeps_expired_leases: bool,
     _guard: Box<dyn Any + Send + Sync>,
 }
 
@@ -60,6 +64,7 @@ impl Harness {
             store,
             prefix: String::new(),
             clock_skew: Duration::ZERO,
+            keeps_expired_leases: true,
             _guard: Box::new(guard),
         }
     }
@@ -71,6 +76,12 @@ impl Harness {
 
     pub fn with_clock_skew(mut self, skew: Duration) -> Harness {
         self.clock_skew = skew;
+        self
+    }
+
+    /// A store whose expired leases may be deleted at any time (see `keeps_expired_leases`).
+    pub fn forgetting_expired_leases(mut self) -> Harness {
+        self.keeps_expired_leases = false;
         self
     }
 
@@ -91,6 +102,7 @@ macro_rules! conformance_suite {
             allocate_free_key_gives_a_lease,
             allocate_on_a_live_lease_is_in_flight,
             expired_lease_is_taken_over,
+            only_an_expired_lease_is_taken_over,
             old_token_is_refused_after_takeover,
             record_then_allocate_replays,
             record_without_token_completes_any_live_allocation,
@@ -193,15 +205,25 @@ fn rel(key: &str, token: Option<&str>) -> Release {
     }
 }
 
-/// Allocate and expect a lease; returns its token and expiry.
-async fn lease(store: &dyn Store, request: Allocate) -> (String, u64) {
+/// Allocate and expect a lease; returns its token and expiry, and whether it took an expired
+/// lease over.
+async fn any_lease(store: &dyn Store, request: Allocate) -> (String, u64, bool) {
     match store.allocate(request).await.unwrap() {
         AllocateOutcome::Allocated {
             lease_token,
             lease_expires_at,
-        } => (lease_token, lease_expires_at),
+            taken_over,
+        } => (lease_token, lease_expires_at, taken_over),
         other => panic!("expected a lease, got {other:?}"),
     }
+}
+
+/// Allocate a key that held no lease and expect a lease (not a takeover); returns its token
+/// and expiry.
+async fn lease(store: &dyn Store, request: Allocate) -> (String, u64) {
+    let (token, expires, taken_over) = any_lease(store, request).await;
+    assert!(!taken_over, "no lease was taken over");
+    (token, expires)
 }
 
 /// Wait until the wall clock has passed `at` (a lease's or a retention's end), by the store's
@@ -240,17 +262,28 @@ pub async fn allocate_on_a_live_lease_is_in_flight(h: &Harness) {
     }
 }
 
-/// While the lease lives: in flight. Once it expired: a new lease with a new token.
+/// While the lease lives: in flight. Once it expired: a new lease with a new token, which
+/// says it took the expired one over.
 async fn take_over(h: &Harness, k: &str, first_token: &str, fingerprint: Option<&str>) -> String {
-    let new = eventually("the takeover of an expired lease", || async {
+    let (new, taken_over) = eventually("the takeover of an expired lease", || async {
         match h.store.allocate(alloc(k, fingerprint, LONG)).await.unwrap() {
             AllocateOutcome::InFlight { .. } => None,
-            AllocateOutcome::Allocated { lease_token, .. } => Some(lease_token),
+            AllocateOutcome::Allocated {
+                lease_token,
+                taken_over,
+                ..
+            } => Some((lease_token, taken_over)),
             other => panic!("expected in flight, then a new lease; got {other:?}"),
         }
     })
     .await;
     assert_ne!(new, first_token, "a takeover issues a new token");
+    if h.keeps_expired_leases {
+        assert!(
+            taken_over,
+            "the new lease says it took the expired one over"
+        );
+    }
     new
 }
 
@@ -265,6 +298,25 @@ pub async fn expired_lease_is_taken_over(h: &Harness) {
         .await
         .unwrap();
     assert!(matches!(stored, RecordOutcome::Stored { .. }));
+}
+
+/// A key that never held a lease, one whose lease was released, and one whose capture's
+/// retention ended are allocated as new, not taken over.
+pub async fn only_an_expired_lease_is_taken_over(h: &Harness) {
+    let k = key(h, "not-taken");
+    let (token, _) = lease(&*h.store, alloc(&k, None, LONG)).await;
+    h.store.release(rel(&k, Some(&token))).await.unwrap();
+    let (token, _) = lease(&*h.store, alloc(&k, None, LONG)).await;
+    let RecordOutcome::Stored { expires_at } = h
+        .store
+        .record(rec(&k, Some(&token), capture("r"), SHORT))
+        .await
+        .unwrap()
+    else {
+        panic!("expected stored");
+    };
+    until_past(h, expires_at).await;
+    lease(&*h.store, alloc(&k, None, LONG)).await;
 }
 
 pub async fn old_token_is_refused_after_takeover(h: &Harness) {
@@ -435,8 +487,9 @@ pub async fn record_after_the_lease_expired_is_forbidden(h: &Harness) {
         h.store.release(rel(&k, Some(&token))).await.unwrap(),
         ReleaseOutcome::Forbidden
     );
-    // And the key is free.
-    lease(&*h.store, alloc(&k, None, LONG)).await;
+    // And the key is free: the next allocation takes the expired lease over.
+    let (_, _, taken_over) = any_lease(&*h.store, alloc(&k, None, LONG)).await;
+    assert!(taken_over || !h.keeps_expired_leases);
 }
 
 pub async fn release_frees_the_key(h: &Harness) {
@@ -587,8 +640,9 @@ pub async fn expired_lease_is_taken_over_with_another_fingerprint(h: &Harness) {
     let (first, expires) = lease(&*h.store, alloc(&k, Some("digest-a"), SHORT)).await;
     // An expired lease is a free key: no comparison, and the new fingerprint is the one kept.
     until_past(h, expires).await;
-    let (second, _) = lease(&*h.store, alloc(&k, Some("digest-b"), LONG)).await;
+    let (second, _, taken_over) = any_lease(&*h.store, alloc(&k, Some("digest-b"), LONG)).await;
     assert_ne!(second, first);
+    assert!(taken_over || !h.keeps_expired_leases);
     assert_eq!(
         h.store
             .allocate(alloc(&k, Some("digest-a"), LONG))
@@ -632,7 +686,9 @@ pub async fn purge_never_changes_an_answer(h: &Harness) {
             .unwrap(),
         RecordOutcome::Forbidden
     );
-    lease(&*h.store, alloc(&k, None, LONG)).await;
+    // Taken over (the purge keeps an expired lease for the takeover window).
+    let (_, _, taken_over) = any_lease(&*h.store, alloc(&k, None, LONG)).await;
+    assert!(taken_over || !h.keeps_expired_leases);
     // A live entry survives the purge.
     assert_eq!(
         h.store.allocate(alloc(&done, None, LONG)).await.unwrap(),

@@ -9,11 +9,16 @@ mod backend;
 mod bodies;
 mod concurrency;
 mod config;
+mod deploy;
 mod disconnect;
 mod envoy;
 mod hostile;
 mod load;
+mod observability;
 mod problems;
+/// The strict reader of Prometheus text the backend's tests use.
+#[path = "../../../server/tests/common/prometheus.rs"]
+mod prometheus;
 mod queue;
 mod recording;
 mod release;

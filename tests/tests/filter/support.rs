@@ -111,8 +111,8 @@ impl Backend {
     }
 
     fn serve(&mut self, listener: TcpListener) {
-        // Its log lines are scanned for what the tests sent (`E2e::finish`).
-        idempotency_tests::secrets::capture_backend_logs();
+        // Its log lines are scanned for what the tests sent (`E2e::finish`), its spans kept.
+        spans();
         let mut config = idempotency_server::Config::new(&self.dir);
         // Never MongoDB, whatever MONGODB_URI says.
         config.store = Some(idempotency_server::StoreKind::Embedded);
@@ -446,4 +446,32 @@ pub fn entity_headers(r: &ClientResponse) -> Vec<(String, String)> {
         })
         .cloned()
         .collect()
+}
+
+/// The one `tracing` subscriber of this test binary, installed by the first backend: every
+/// backend log event for the secrets scan (`idempotency_tests::secrets`), and every backend
+/// span, through the backend's own trace layer (`idempotency_server::logging::trace_layer`),
+/// into the OpenTelemetry SDK's in-memory exporter (observability.rs picks its spans out by
+/// trace id). One for the whole binary: `tracing` caches per call site, for every thread,
+/// whether an event or span is wanted.
+pub fn spans() -> &'static opentelemetry_sdk::trace::InMemorySpanExporter {
+    use opentelemetry::trace::TracerProvider as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    static EXPORTER: std::sync::OnceLock<opentelemetry_sdk::trace::InMemorySpanExporter> =
+        std::sync::OnceLock::new();
+    EXPORTER.get_or_init(|| {
+        let exporter = opentelemetry_sdk::trace::InMemorySpanExporter::default();
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+            .with_simple_exporter(exporter.clone())
+            .build();
+        tracing_subscriber::registry()
+            .with(idempotency_tests::secrets::capture_layer())
+            .with(idempotency_server::logging::trace_layer(
+                provider.tracer("e2e"),
+            ))
+            .try_init()
+            .expect("the only subscriber of the test binary");
+        exporter
+    })
 }

@@ -30,6 +30,9 @@ pub const RETRY: Duration = Duration::from_secs(1);
 /// The embedded store, opened again in place after a failed write.
 pub struct Reopening {
     options: EmbeddedOptions,
+    /// The first store's counters, which every store after it counts into (the server
+    /// registers them once).
+    counters: super::Counters,
     state: RwLock<State>,
 }
 
@@ -47,6 +50,7 @@ impl Reopening {
     pub fn new(store: EmbeddedStore, options: EmbeddedOptions) -> Reopening {
         Reopening {
             options,
+            counters: store.shared.counters.clone(),
             state: RwLock::new(State {
                 store: Some(Arc::new(store)),
                 next_attempt: Instant::now(),
@@ -95,9 +99,12 @@ impl Reopening {
             let _ = failed.shutdown().await;
         }
         let options = self.options.clone();
-        let opened = tokio::task::spawn_blocking(move || EmbeddedStore::open(options))
-            .await
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        // The new store counts into the first one's metrics (registered once, at start).
+        let counters = self.counters.clone();
+        let opened =
+            tokio::task::spawn_blocking(move || EmbeddedStore::open_counting(options, counters))
+                .await
+                .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         match opened {
             Ok(store) => {
                 tracing::warn!("embedded store opened again after a failed write");
@@ -119,6 +126,10 @@ impl Reopening {
 impl Store for Reopening {
     fn name(&self) -> &'static str {
         "embedded"
+    }
+
+    fn register_metrics(&self, registry: &prometheus::Registry) {
+        self.counters.register(registry);
     }
 
     async fn allocate(&self, request: Allocate) -> Result<AllocateOutcome, StoreError> {

@@ -4,8 +4,10 @@
 -- ARGV[1]  the presented fingerprint ('' = none)
 -- ARGV[2]  the lease, in ms
 -- ARGV[3]  a new lease token (used only if the key is free)
+-- ARGV[4]  the takeover window, in ms: how long past its lease the key is kept, so that the
+--          allocation that takes an expired lease over is told so
 --
--- Returns {'allocated', lease_expires_at} | {'in_flight', lease_expires_at}
+-- Returns {'allocated', lease_expires_at, taken_over (1 or 0)} | {'in_flight', lease_expires_at}
 --       | {'completed', capture_json} | {'mismatch'} | {'corrupt', why}
 
 -- The store's clock: Redis's own, in ms since the Unix epoch, so that every server process
@@ -40,9 +42,15 @@ if state then
 end
 
 -- Free (no entry, or an expired lease or capture): a new lease. The old entry, its token and
--- its fingerprint are forgotten; Redis deletes the key itself at the lease's end.
+-- its fingerprint are forgotten (an expired lease is taken over); Redis deletes the key itself
+-- a takeover window after the lease's end (the key is free from the lease's end all the same).
+local taken_over = 0
+if state == 'allocated' then
+  taken_over = 1
+end
 local lease_expires_at = now + tonumber(ARGV[2])
 local at = string.format('%.0f', lease_expires_at)
+local purge_at = string.format('%.0f', lease_expires_at + tonumber(ARGV[4]))
 redis.call('DEL', KEYS[1])
 if ARGV[1] ~= '' then
   redis.call('HSET', KEYS[1], 'state', 'allocated', 'expires_at', at, 'token', ARGV[3],
@@ -50,5 +58,5 @@ if ARGV[1] ~= '' then
 else
   redis.call('HSET', KEYS[1], 'state', 'allocated', 'expires_at', at, 'token', ARGV[3])
 end
-redis.call('PEXPIREAT', KEYS[1], at)
-return {'allocated', lease_expires_at}
+redis.call('PEXPIREAT', KEYS[1], purge_at)
+return {'allocated', lease_expires_at, taken_over}
