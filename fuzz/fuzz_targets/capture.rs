@@ -27,25 +27,9 @@ struct Input<'a> {
     complete: bool,
 }
 
-/// The proxy-wasm serialization of header pairs (what a host sends).
-fn encode(pairs: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
-    let mut out = (pairs.len() as u32).to_le_bytes().to_vec();
-    for (n, v) in pairs {
-        out.extend_from_slice(&(n.len() as u32).to_le_bytes());
-        out.extend_from_slice(&(v.len() as u32).to_le_bytes());
-    }
-    for (n, v) in pairs {
-        out.extend_from_slice(n);
-        out.push(0);
-        out.extend_from_slice(v);
-        out.push(0);
-    }
-    out
-}
-
 fuzz_target!(|input: Input<'_>| {
     let map = if input.use_pairs {
-        let bytes = encode(&input.pairs);
+        let bytes = pairs::encode(&input.pairs);
         let decoded = pairs::decode(&bytes).expect("a well-formed map decodes");
         assert_eq!(decoded, input.pairs);
         bytes
