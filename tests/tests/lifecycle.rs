@@ -16,7 +16,9 @@ async fn a_module_importing_an_unknown_function_fails_to_load_naming_it() {
         0x02, 0x16, 0x01, 0x03, b'e', b'n', b'v', 0x0e, b'p', b'r', b'o', b'x', b'y', b'_', b't',
         b'e', b'l', b'e', b'p', b'o', b'r', b't', 0x00, 0x00,
     ];
-    let path = std::env::temp_dir().join(format!("bad-import-{}.wasm", std::process::id()));
+    // Cargo's scratch directory for integration tests, inside the target directory: not /tmp,
+    // where a file per run would pile up.
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("bad-import.wasm");
     std::fs::write(&path, bytes).unwrap();
     for mode in [Mode::Ngx, Mode::Envoy] {
         let err = Host::builder(mode, &path)
