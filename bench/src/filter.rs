@@ -112,8 +112,13 @@ pub async fn fuel(
             .header("set-cookie", "b=2")
             .body(body.clone()),
     );
+    // Each instance serves one request before anything is measured: an instance does some
+    // work once, on its first request (the filter detects its host there), that the
+    // requests after it never repeat.
     // The floor: the same keyed request through the no-op filter.
     let noop = host(mode, &wasm.noop, &api, backend).await?;
+    anyhow::ensure!(send(&noop, Some("floor-warm"), &body).await? == 201);
+    noop.settle().await;
     anyhow::ensure!(send(&noop, Some("floor"), &body).await? == 201);
     noop.settle().await;
     let floor = last_fuel(&noop);
@@ -121,6 +126,8 @@ pub async fn fuel(
 
     let t = host(mode, &wasm.filter, &api, backend).await?;
     let tag = format!("fuel-{}-{size}-{}", mode.name(), std::process::id());
+    anyhow::ensure!(send(&t, None, &body).await? == 201);
+    t.settle().await;
     anyhow::ensure!(send(&t, None, &body).await? == 201);
     t.settle().await;
     let no_key = last_fuel(&t);

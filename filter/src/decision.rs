@@ -292,7 +292,10 @@ pub fn call_headers<'a>(
         ("accept", "application/json".to_string()),
     ];
     if let Some(t) = bearer {
-        h.push(("authorization", format!("Bearer {t}")));
+        let mut value = String::with_capacity(7 + t.len());
+        value.push_str("Bearer ");
+        value.push_str(t);
+        h.push(("authorization", value));
     }
     for (name, value) in [
         ("traceparent", &context.traceparent),

@@ -19,6 +19,7 @@
 //! keyed request is one line at info naming the key by its digest only (never the key, a
 //! token or a body), the details at debug.
 
+use std::cell::OnceCell;
 use std::rc::Rc;
 
 use proxy_wasm::hostcalls;
@@ -37,7 +38,7 @@ use crate::problem::{self, Kind};
 use crate::queue::{Class, Entry, Op, classify};
 use crate::replay::{self, HeaderOp, LocalReply};
 use crate::scope::{self, ScopeInput};
-use crate::shared::{call_backend, count, enqueue, header_map, log, logs, now_ms};
+use crate::shared::{call_backend, count, enqueue, header_map, log, log_parts, logs, now_ms};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -62,6 +63,9 @@ pub struct Http {
     host: Host,
     phase: Phase,
     key: String,
+    /// What names this request in its log lines ([`Http::about`]): built once, on the first
+    /// line, after the key and the request id are known.
+    about: OnceCell<String>,
     fingerprint: Option<Fingerprint>,
     content_length: Option<u64>,
     /// Request body bytes seen, and how many of the host's buffer were hashed.
@@ -84,6 +88,7 @@ impl Http {
             host: Host::Unknown,
             phase: Phase::Idle,
             key: String::new(),
+            about: OnceCell::new(),
             fingerprint: None,
             content_length: None,
             body_total: 0,
@@ -100,26 +105,32 @@ impl Http {
     // ----- logs -----
 
     /// `; key=<digest> request_id=<id>`: what names this request in a log line (the key only
-    /// by its digest, the one the backend logs), or nothing.
-    fn about(&self) -> String {
-        let mut about = Vec::new();
-        if !self.key.is_empty() {
-            about.push(format!("key={}", idempotency_spec::key_digest(&self.key)));
-        }
-        if let Some(id) = &self.context.request_id {
-            about.push(format!("request_id={id}"));
-        }
-        if about.is_empty() {
-            String::new()
-        } else {
-            format!("; {}", about.join(" "))
-        }
+    /// by its digest, the one the backend logs), or nothing. Built once, on the first line.
+    fn about(&self) -> &str {
+        self.about.get_or_init(|| {
+            let mut about = String::new();
+            if !self.key.is_empty() {
+                about.push_str("; key=");
+                about.push_str(&idempotency_spec::key_digest(&self.key));
+            }
+            if let Some(id) = &self.context.request_id {
+                about.push_str(if about.is_empty() { "; " } else { " " });
+                about.push_str("request_id=");
+                about.push_str(id);
+            }
+            about
+        })
     }
 
     /// One line at `level` about this request, when the host keeps it.
     fn note(&self, level: LogLevel, what: &str) {
+        self.note_parts(level, &[what]);
+    }
+
+    /// [`Http::note`] of a line made of `parts`.
+    fn note_parts(&self, level: LogLevel, parts: &[&str]) {
         if logs(level) {
-            log(level, &format!("{what}{}", self.about()));
+            log_parts(level, parts, self.about());
         }
     }
 
@@ -179,24 +190,45 @@ impl Http {
 
     fn on_request_headers(&mut self, cfg: &Config, end_of_stream: bool) -> Action {
         self.host = crate::shared::host();
+        // Most requests are of another method or carry no key: those are decided from two or
+        // three single-header lookups (each host answers a lookup with the first value of
+        // that name, case-insensitively), and the whole header map is read for keyed ones only.
+        let method = header_value(":method");
+        if !method
+            .as_deref()
+            .and_then(|m| std::str::from_utf8(m).ok())
+            .is_some_and(|m| cfg.applies_to(m))
+        {
+            return Action::Continue;
+        }
+        if header_value(&cfg.header).is_none() {
+            if !cfg.require_key {
+                // A gRPC request without a key counts as one without a key: untouched either
+                // way.
+                count(Metric::NoKey);
+                if logs(LogLevel::Debug) {
+                    let _ =
+                        hostcalls::log(LogLevel::Debug, "idempotency: no key: passed untouched");
+                }
+                return Action::Continue;
+            }
+            if is_grpc(header_value("content-type").as_deref()) {
+                return self.grpc();
+            }
+            let headers = header_map(MapType::HttpRequestHeaders);
+            self.context = CallContext::of(|name| pairs::get(&headers, name));
+            count(Metric::MissingKey);
+            self.note(LogLevel::Info, "missing key: 400");
+            let detail = format!("this request requires an {} header", cfg.header);
+            return self.send_problem(Kind::MissingKey, &detail, None);
+        }
         // As bytes: nothing a client sends may make the filter panic (see `pairs`).
         let headers = header_map(MapType::HttpRequestHeaders);
         let get = |name: &str| pairs::get(&headers, name);
         let method = get(":method").unwrap_or(b"");
-        if !std::str::from_utf8(method).is_ok_and(|m| cfg.applies_to(m)) {
-            return Action::Continue;
-        }
         self.context = CallContext::of(get);
-        if get("content-type").is_some_and(|ct| {
-            ct.get(..16)
-                .is_some_and(|p| p.eq_ignore_ascii_case(b"application/grpc"))
-        }) {
-            // A gRPC answer ends in trailers (grpc-status) that a capture does not keep, and
-            // Envoy turns any local reply to a gRPC request into a trailers-only one: a replay
-            // could not be exact, so the request passes untouched.
-            count(Metric::Grpc);
-            self.note(LogLevel::Debug, "gRPC: passed untouched");
-            return Action::Continue;
+        if is_grpc(get("content-type")) {
+            return self.grpc();
         }
         let values: Vec<&[u8]> = headers
             .iter()
@@ -204,18 +236,9 @@ impl Http {
             .map(|(_, v)| v.as_slice())
             .collect();
         let raw = match values.as_slice() {
-            [] if cfg.require_key => {
-                count(Metric::MissingKey);
-                self.note(LogLevel::Info, "missing key: 400");
-                let detail = format!("this request requires an {} header", cfg.header);
-                return self.send_problem(Kind::MissingKey, &detail, None);
-            }
-            [] => {
-                count(Metric::NoKey);
-                self.note(LogLevel::Debug, "no key: passed untouched");
-                return Action::Continue;
-            }
             [one] => *one,
+            // The lookup found a value the map does not list: no host does that.
+            [] => return Action::Continue,
             _ => {
                 count(Metric::InvalidKey);
                 self.note(LogLevel::Info, "invalid key (repeated header): 400");
@@ -301,6 +324,15 @@ impl Http {
                 }
             }
         }
+    }
+
+    /// A gRPC answer ends in trailers (grpc-status) that a capture does not keep, and Envoy
+    /// turns any local reply to a gRPC request into a trailers-only one: a replay could not be
+    /// exact, so the request passes untouched.
+    fn grpc(&mut self) -> Action {
+        count(Metric::Grpc);
+        self.note(LogLevel::Debug, "gRPC: passed untouched");
+        Action::Continue
     }
 
     fn too_large(&mut self, cfg: &Config) -> Action {
@@ -416,18 +448,12 @@ impl Http {
                         } else {
                             Metric::Replayed
                         });
-                        self.note(
-                            LogLevel::Info,
-                            &format!(
-                                "{}: {}",
-                                if answer.waited {
-                                    "waited for the first request, replayed"
-                                } else {
-                                    "replayed"
-                                },
-                                reply.status
-                            ),
-                        );
+                        let what = if answer.waited {
+                            "waited for the first request, replayed: "
+                        } else {
+                            "replayed: "
+                        };
+                        self.note_parts(LogLevel::Info, &[what, &reply.status.to_string()]);
                         self.send_reply(reply)
                     }
                     Err(e) => {
@@ -475,7 +501,7 @@ impl Http {
         let (op, body) = match (end, copy) {
             (End::Record, Some(c)) => (Op::Record, c.record_body(&self.key, &lease)),
             (End::Release(reason), _) => {
-                self.note(LogLevel::Debug, &format!("releasing: {}", reason.as_str()));
+                self.note_parts(LogLevel::Debug, &["releasing: ", reason.as_str()]);
                 (Op::Release, capture::release_body(&self.key, &lease))
             }
             (End::Record, None) => (Op::Release, capture::release_body(&self.key, &lease)),
@@ -492,12 +518,12 @@ impl Http {
             )
             .is_ok()
         {
-            self.note(LogLevel::Debug, &format!("{}: sent inline", op.name()));
+            self.note_parts(LogLevel::Debug, &[op.name(), ": sent inline"]);
             self.phase = Phase::Inline;
             self.inline_call = Some((op, body));
             return Action::Pause;
         }
-        self.note(LogLevel::Debug, &format!("{}: queued", op.name()));
+        self.note_parts(LogLevel::Debug, &[op.name(), ": queued"]);
         enqueue(
             Entry::new(
                 op,
@@ -524,7 +550,7 @@ impl Http {
                 } else {
                     Metric::Released
                 });
-                self.note(LogLevel::Debug, &format!("{}: done", op.name()));
+                self.note_parts(LogLevel::Debug, &[op.name(), ": done"]);
             }
             Class::Fail => {
                 count(Metric::RecordFailed);
@@ -581,6 +607,21 @@ impl Http {
             let _ = hostcalls::set_buffer(BufferType::HttpResponseBody, 0, size, &bytes);
         }
     }
+}
+
+/// A request header's (first) value, as bytes.
+fn header_value(name: &str) -> Option<Vec<u8>> {
+    hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name)
+        .ok()
+        .flatten()
+}
+
+/// `application/grpc`, `application/grpc+proto`… (any case).
+fn is_grpc(content_type: Option<&[u8]>) -> bool {
+    content_type.is_some_and(|ct| {
+        ct.get(..16)
+            .is_some_and(|p| p.eq_ignore_ascii_case(b"application/grpc"))
+    })
 }
 
 /// Queues an inline record or release again, for the tick: it may have been applied already

@@ -42,7 +42,8 @@ pub enum Metric {
     RecordFailed,
     /// A record or release was dropped because the queue was full.
     QueueDropped,
-    /// A gRPC request passed untouched (its response cannot be replayed exactly).
+    /// A gRPC request with a key (or any, under `require_key`) passed untouched: its response
+    /// cannot be replayed exactly. One without a key counts as [`Metric::NoKey`].
     Grpc,
 }
 

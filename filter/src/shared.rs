@@ -169,7 +169,21 @@ pub fn now_ms() -> u64 {
 
 /// Logs one line, prefixed with the filter's name.
 pub fn log(level: LogLevel, msg: &str) {
-    let _ = hostcalls::log(level, &format!("idempotency: {msg}"));
+    log_parts(level, &[msg], "");
+}
+
+/// Logs one line made of `parts` and `suffix`, prefixed with the filter's name: built without
+/// `format!`, whose machinery costs more Wasm instructions than the rest of a line.
+pub fn log_parts(level: LogLevel, parts: &[&str], suffix: &str) {
+    const PREFIX: &str = "idempotency: ";
+    let len = PREFIX.len() + parts.iter().map(|p| p.len()).sum::<usize>() + suffix.len();
+    let mut line = String::with_capacity(len);
+    line.push_str(PREFIX);
+    for p in parts {
+        line.push_str(p);
+    }
+    line.push_str(suffix);
+    let _ = hostcalls::log(level, &line);
 }
 
 /// Whether the host keeps lines of `level`, so that a line is not built for nothing. Only

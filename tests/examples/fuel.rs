@@ -5,6 +5,9 @@
 //! cargo run -p idempotency-tests --example fuel
 //! ```
 //!
+//! Each scenario is measured on an instance that has served a request already (an instance
+//! detects its host once, on its first request).
+//!
 //! Fuel counts the guest's instructions, so the figures do not depend on how the host itself
 //! was compiled (a debug build gives the same numbers as `--release`). Per scenario:
 //! - no key: a POST without `Idempotency-Key` (the filter only looks);
@@ -19,13 +22,43 @@ mod support;
 
 use std::time::Duration;
 
-use idempotency_tests::{Mode, Reply};
+use idempotency_tests::{Host, Mode, Reply, Upstream, build};
 use serde_json::json;
 use support::E2e;
 
 /// Fuel of the last request the host saw.
 fn last_request_fuel(t: &E2e) -> u64 {
     t.host().fuel().requests.last().map_or(0, |r| r.fuel)
+}
+
+/// Fuel of the same keyed request through the no-op filter (`tests/noop`), on an instance
+/// that served one before: the floor.
+async fn floor(mode: Mode, size: usize) -> u64 {
+    let api = Upstream::start().await;
+    let body: Vec<u8> = (0..size).map(|i| b'a' + (i % 26) as u8).collect();
+    api.reply("/orders", Reply::new(201).body(body.clone()));
+    let host = Host::builder(mode, build::wasm("noop-filter"))
+        .upstream(api.addr())
+        .client_body_buffer_size(1 << 20)
+        .start()
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        let r = host
+            .client()
+            .request("POST", "/orders")
+            .header("content-type", "application/octet-stream")
+            .header("idempotency-key", "\"floor\"")
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status, 201);
+        host.settle().await;
+    }
+    let fuel = host.fuel().requests.last().map_or(0, |r| r.fuel);
+    host.finish().await;
+    fuel
 }
 
 async fn measure(mode: Mode, size: usize) -> [u64; 4] {
@@ -44,6 +77,11 @@ async fn measure(mode: Mode, size: usize) -> [u64; 4] {
             .header("set-cookie", "b=2")
             .body(body.clone()),
     );
+    // A first request, not measured: an instance detects its host on its first request (a
+    // property read or two, and a log line), once for all the requests it will serve.
+    let r = t.post("/orders", None, body.clone()).send().await.unwrap();
+    assert_eq!(r.status, 201);
+    t.host().settle().await;
     // No key.
     let r = t.post("/orders", None, body.clone()).send().await.unwrap();
     assert_eq!(r.status, 201);
@@ -64,13 +102,14 @@ async fn measure(mode: Mode, size: usize) -> [u64; 4] {
     t.host().settle().await;
     let replay = last_request_fuel(&t);
     // Conflict: a duplicate while the first is held in the upstream.
+    let seen = t.api.count("/orders");
     t.api.hold("/orders");
     let holder = t.post("/orders", Some("\"bench-2\""), body.clone());
     let holder = tokio::spawn(async move { holder.send().await.unwrap() });
     support::eventually(
         "the first is in the upstream",
         Duration::from_secs(10),
-        || t.api.count("/orders") == 3,
+        || t.api.count("/orders") == seen + 1,
     )
     .await;
     let r = t.send("/orders", "\"bench-2\"", body.clone()).await;
@@ -91,16 +130,19 @@ async fn measure(mode: Mode, size: usize) -> [u64; 4] {
 async fn main() {
     println!("Wasm instructions (fuel) per request, idempotency.wasm (--profile wasm)");
     println!(
-        "{:<6} {:>6} {:>12} {:>14} {:>12} {:>12}",
-        "mode", "body", "no key", "first", "replay", "conflict"
+        "{:<6} {:>6} {:>8} {:>14} {:>14} {:>12} {:>12}",
+        "mode", "body", "no-op", "no key", "first", "replay", "conflict"
     );
     for mode in [Mode::Ngx, Mode::Envoy] {
         for (label, size) in [("1 KiB", 1024), ("64 KiB", 64 * 1024)] {
             let [no_key, first, replay, conflict] = measure(mode, size).await;
+            let floor = floor(mode, size).await;
+            let ratio = no_key as f64 / floor as f64;
             println!(
-                "{:<6} {:>6} {:>12} {:>14} {:>12} {:>12}",
+                "{:<6} {:>6} {:>8} {:>8} ({ratio:.1}×) {:>14} {:>12} {:>12}",
                 mode.name(),
                 label,
+                floor,
                 no_key,
                 first,
                 replay,

@@ -704,6 +704,11 @@ fn engine() -> Result<Engine> {
     }
     let mut config = Config::new();
     config.consume_fuel(true);
+    // A profiling aid: wasmtime writes /tmp/perf-<pid>.map, in which `perf report` finds the
+    // names of the module's functions (a module built with CARGO_PROFILE_WASM_STRIP=false).
+    if std::env::var_os("IDEMPOTENCY_HOST_PERFMAP").is_some() {
+        config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+    }
     let engine = Engine::new(&config).map_err(|e| anyhow::anyhow!("{e:#}"))?;
     Ok(ENGINE.get_or_init(|| engine).clone())
 }

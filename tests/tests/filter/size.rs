@@ -1,4 +1,4 @@
-//! The release build (`--profile wasm`: opt-level z, LTO, strip) is at most 300 KiB: every
+//! The release build (`--profile wasm`: opt-level 2, LTO, strip) is at most 300 KiB: every
 //! gateway worker loads one instance of it per filter.
 
 use crate::support::filter_wasm;
