@@ -21,10 +21,20 @@ use crate::{Figure, median};
 /// recorded; `done` prints one line the suite reads.
 const COMMON: &str = r#"
 local prefix, keys, n = "", 0, 0
-function init(args) prefix = args[1]; keys = tonumber(args[2] or "0") end
 local json = {["Content-Type"] = "application/json"}
 local replay = {["Content-Type"] = "application/json", ["X-Bench"] = "replay"}
 local record = {["Content-Type"] = "application/json", ["X-Bench"] = "record"}
+-- wrk.format(method, path, headers, body) sends `headers` instead of wrk.headers: the
+-- command line's -H headers (Connection: close) are copied into each table here, or every
+-- "new connection" run would have kept its connections alive.
+function init(args)
+  prefix = args[1]; keys = tonumber(args[2] or "0")
+  for _, h in ipairs({json, replay, record}) do
+    for name, value in pairs(wrk.headers) do
+      if h[name] == nil then h[name] = value end
+    end
+  end
+end
 local function key(i) return string.format('%s-%09d', prefix, i) end
 local function allocate(k, h) return wrk.format("PUT", "/api/v2/captures", h or json, '{"idempotency_key":"' .. k .. '"}') end
 function done(summary, latency, requests)

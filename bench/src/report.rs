@@ -109,9 +109,9 @@ impl Report<'_> {
         );
         let _ = writeln!(
             out,
-            "> These figures were taken on a development machine shared with other builds and tests: \
-             they are noisy, and the ratios (each against its baseline measured in the same run) are \
-             what to read. The final figures are to be re-taken on a quiet machine with the same command.\n"
+            "> Client and servers share the machine's two cores, and a sync's time on its virtual \
+             disk depends on what the host does: the ratios (each against its baseline, measured in \
+             the same run) are what to read.\n"
         );
         self.goals(&mut out);
         self.backend(&mut out);
