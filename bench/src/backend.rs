@@ -474,8 +474,28 @@ pub fn rss(pid: u32) -> anyhow::Result<u64> {
 pub struct Disk {
     pub count: usize,
     pub payload: u64,
+    /// The blocks the data dir's files hold on the disk (what `du` counts).
     pub disk: u64,
+    /// The files' lengths: larger, since redb extends its file ahead by doubling, with a
+    /// sparse tail that holds no blocks until pages are written there.
+    pub apparent: u64,
     pub rss: u64,
+}
+
+/// A 1 KiB body as the filter records it: base64 (RFC 4648 §4) of 768 bytes, here
+/// pseudo-random (xorshift), so that nothing on the way could shrink it by compressing.
+fn body() -> String {
+    use base64::Engine as _;
+    let mut x = 0x9e37_79b9_7f4a_7c15_u64;
+    let raw: Vec<u8> = (0..768)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    base64::engine::general_purpose::STANDARD.encode(raw)
 }
 
 pub async fn disk(dir_in: &Path, count: usize) -> anyhow::Result<Disk> {
@@ -483,7 +503,7 @@ pub async fn disk(dir_in: &Path, count: usize) -> anyhow::Result<Disk> {
     let addr = server.addr;
     let response = serde_json::json!({
         "response_status": 201,
-        "response_body": "b".repeat(1024),
+        "response_body": body(),
         "response_headers": [{ "key": "Content-Type", "value": "application/octet-stream" }]
     });
     let payload = response.to_string().len() as u64 * count as u64;
@@ -505,14 +525,18 @@ pub async fn disk(dir_in: &Path, count: usize) -> anyhow::Result<Disk> {
     }
     // The files as they stand: redb's (grown in steps) and the journal (at most its
     // checkpoint size plus a step).
-    let mut disk = 0;
+    use std::os::unix::fs::MetadataExt as _;
+    let (mut disk, mut apparent) = (0, 0);
     for entry in std::fs::read_dir(server._dir.path())? {
-        disk += entry?.metadata()?.len();
+        let metadata = entry?.metadata()?;
+        disk += metadata.blocks() * 512;
+        apparent += metadata.len();
     }
     Ok(Disk {
         count,
         payload,
         disk,
+        apparent,
         rss: rss(server.pid())?,
     })
 }

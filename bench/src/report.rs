@@ -227,12 +227,16 @@ impl Report<'_> {
         let d = self.disk;
         let _ = writeln!(
             out,
-            "\n### Disk and memory\n\n{} captures (a 1 KiB body and one header: {:.1} MiB as sent) take {:.1} MiB in the data dir \
-             (redb's file and the journal): {:.2}× their bytes. The backend's RSS then: {:.0} MiB.\n",
+            "\n### Disk and memory\n\n{} captures (a 1 KiB body, base64 of 768 pseudo-random bytes as the filter sends it, \
+             and one header: {:.1} MiB as sent) take {:.1} MiB of disk in the data dir (redb's file and the journal, in blocks \
+             as `du` counts them): {:.2}× their bytes. The files' lengths add up to {:.1} MiB ({:.2}×): redb extends its file \
+             ahead by doubling, and the tail it has not written yet is sparse. The backend's RSS then: {:.0} MiB.\n",
             d.count,
             mib(d.payload),
             mib(d.disk),
             ratio(d.disk as f64, d.payload as f64),
+            mib(d.apparent),
+            ratio(d.apparent as f64, d.payload as f64),
             mib(d.rss)
         );
     }

@@ -324,3 +324,69 @@ async fn the_purge_deletes_expired_entries_and_the_file_stops_growing() {
     );
     store.shutdown().await.unwrap();
 }
+
+/// Data dirs written before the compact value format hold each entry as its JSON: they are
+/// still read (and a body the filter sent as base64, which the store now keeps as its bytes,
+/// comes back as the very string recorded, across a reopen).
+#[tokio::test]
+async fn entries_of_an_older_data_dir_and_base64_bodies_come_back_as_recorded() {
+    use idempotency_server::store::Entry;
+    use redb::TableDefinition;
+    const CAPTURES: TableDefinition<&str, &[u8]> = TableDefinition::new("captures");
+    const EXPIRY: TableDefinition<(u64, &str), ()> = TableDefinition::new("expiry");
+
+    let dir = tempfile::tempdir().unwrap();
+    let old = conformance::capture("old");
+    let expires_at = now_ms() + 3_600_000;
+    {
+        let db = redb::Database::create(dir.path().join(DB_FILE)).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let entry = Entry::Completed {
+                capture: old.clone(),
+                expires_at,
+                fingerprint: None,
+            };
+            let json = serde_json::to_vec(&entry).unwrap();
+            txn.open_table(CAPTURES)
+                .unwrap()
+                .insert("old", json.as_slice())
+                .unwrap();
+            txn.open_table(EXPIRY)
+                .unwrap()
+                .insert((expires_at, "old"), ())
+                .unwrap();
+        }
+        txn.commit().unwrap();
+    }
+
+    let store = open_in(dir.path()).await.unwrap();
+    assert_eq!(
+        store.allocate(alloc("old", HOUR)).await.unwrap(),
+        AllocateOutcome::Completed(old.clone())
+    );
+    let token = lease(&store, "new", HOUR).await;
+    let mut new = conformance::capture("new");
+    // What the filter sends: standard base64 with padding, of bytes that are not text.
+    new.response_body = "AAECA/z9/v8ZGRkZGRkZGRkZGRkZGRkZGRkZGRkZGQ==".into();
+    let record = Record {
+        capture: new.clone(),
+        ..rec("new", &token, HOUR)
+    };
+    store.record(record).await.unwrap();
+    assert_eq!(
+        store.allocate(alloc("new", HOUR)).await.unwrap(),
+        AllocateOutcome::Completed(new.clone())
+    );
+    store.shutdown().await.unwrap();
+
+    let store = open_in(dir.path()).await.unwrap();
+    for (key, capture) in [("old", old), ("new", new)] {
+        assert_eq!(
+            store.allocate(alloc(key, HOUR)).await.unwrap(),
+            AllocateOutcome::Completed(capture),
+            "{key}"
+        );
+    }
+    store.shutdown().await.unwrap();
+}

@@ -21,7 +21,7 @@
 //! which runs one `fdatasync` of the journal for everything handed to it meanwhile and only
 //! then answers. So the sync of one batch overlaps the work of the next, and a sync writes one
 //! place of a pre-grown file instead of a dozen scattered pages. Every so often (a second, or
-//! 16 MiB of journal) a batch is committed durably to redb instead (a *checkpoint*, which also
+//! 8 MiB of journal) a batch is committed durably to redb instead (a *checkpoint*, which also
 //! makes every batch before it durable) and the journal starts over. At open, redb comes back
 //! at its last durable commit and the journal's records after it are applied again.
 //!
@@ -33,7 +33,9 @@
 //!
 //! # Layout
 //!
-//! - `captures`: key → [`Entry`] as JSON (small, self-describing, readable in a debugger).
+//! - `captures`: key → [`Entry`] in a compact binary form ([`codec`]: what the disk holds per
+//!   capture; a base64 body is kept as the bytes it encodes). Older data dirs hold JSON,
+//!   which is still read.
 //! - `expiry`: `(purge_at_ms, key)` → `()`, an index kept in step with `captures`, so that the
 //!   purge is a range scan over what has expired and never a full table walk. An entry is
 //!   purged at its expiry, a lease [`TAKEOVER_WINDOW`](super::TAKEOVER_WINDOW) later
@@ -56,6 +58,7 @@
 //! trusted. The server runs it inside [`Reopening`], which then closes it and opens the data
 //! dir again, as a restart would, once a second at most, until that succeeds.
 
+mod codec;
 mod journal;
 mod reopen;
 
@@ -123,7 +126,7 @@ impl EmbeddedOptions {
             max_batch: 1024,
             max_batch_bytes: 64 << 20,
             queue: 8192,
-            checkpoint_bytes: 16 << 20,
+            checkpoint_bytes: 8 << 20,
             checkpoint_interval: Duration::from_secs(1),
             takeover_window: super::TAKEOVER_WINDOW,
         }
@@ -1088,17 +1091,14 @@ fn read(
     let Some(value) = captures.get(key)? else {
         return Ok(Ok(None));
     };
-    Ok(serde_json::from_slice(value.value())
-        .map(Some)
-        .map_err(|e| {
-            let error = super::undecodable("a stored entry", &e);
-            tracing::error!(
-                key = %idempotency_spec::key_digest(key),
-                %error,
-                "an entry cannot be decoded"
-            );
-            error
-        }))
+    Ok(codec::decode(value.value()).map(Some).map_err(|error| {
+        tracing::error!(
+            key = %idempotency_spec::key_digest(key),
+            %error,
+            "an entry cannot be decoded"
+        );
+        error
+    }))
 }
 
 /// Apply a change, keeping the expiry index in step, and add it to the journal record.
@@ -1114,7 +1114,7 @@ fn write(
     match change {
         Change::None => return Ok(false),
         Change::Put(entry) => {
-            let bytes = serde_json::to_vec(&entry).expect("an entry always encodes");
+            let bytes = codec::encode(&entry);
             let purge_at = entry.purge_at(window);
             put(
                 &mut tables.captures,
@@ -1250,7 +1250,7 @@ fn purge(
     for (at, key) in &due {
         tables.expiry.remove((*at, key.as_str()))?;
         let entry = match tables.captures.get(key.as_str())? {
-            Some(value) => serde_json::from_slice::<Entry>(value.value()).ok(),
+            Some(value) => codec::decode(value.value()).ok(),
             None => None,
         };
         // The row is the entry's own if it sits at its purge time, or at its expiry: a row

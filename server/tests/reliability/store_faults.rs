@@ -205,7 +205,7 @@ async fn full_disk() {
     };
     let data = fs.path().join("data");
     // Room to give back once the disk is full: as much as the store may need to grow
-    // (its journal grows 4 MiB at a time up to a 16 MiB checkpoint, redb by regions).
+    // (its journal grows 4 MiB at a time up to an 8 MiB checkpoint, redb by doubling).
     let filler = fs.path().join("filler");
     std::fs::write(&filler, vec![0u8; 32 << 20]).unwrap();
     let backend = TestServer::start_with(embedded_at(data.clone())).await;
