@@ -170,7 +170,7 @@ pub async fn serve_with_store(
     // One flag for everything that must stop: the listener, waits, the purge.
     let (stopping, stop) = watch::channel(false);
     let waiters = Arc::new(wait::Waiters::new(stop.clone()));
-    let state = api::AppState {
+    let state = api::AppState::new(api::Shared {
         store: store.clone(),
         waiters,
         policy: Arc::new(api::Policy {
@@ -181,7 +181,7 @@ pub async fn serve_with_store(
             api_token: config.api_token.clone(),
         }),
         metrics,
-    };
+    });
     let purge = tokio::spawn(purge::run(store.clone(), purge::INTERVAL, stop.clone()));
 
     let addr = listener

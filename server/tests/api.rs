@@ -690,6 +690,20 @@ async fn with_an_api_token_the_api_needs_it_and_the_rest_stays_open() {
             )
             .await;
         answer.assert_problem(401, problem_type::UNAUTHORIZED);
+        let answer = client
+            .send(
+                "DELETE",
+                "/api/v2/captures",
+                Some(json!({ "idempotency_key": "auth" }).to_string()),
+            )
+            .await;
+        answer.assert_problem(401, problem_type::UNAUTHORIZED);
+        // The token is checked before the body is read: a malformed body is not the first
+        // thing a caller without the token learns about.
+        let answer = client
+            .send("PUT", "/api/v2/captures", Some("not json".into()))
+            .await;
+        answer.assert_problem(401, problem_type::UNAUTHORIZED);
     }
     let answer = anonymous
         .send_with(

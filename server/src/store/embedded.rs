@@ -20,7 +20,7 @@
 //! changes to the journal, and hands the batch's answers to a second thread, the *syncer*,
 //! which runs one `fdatasync` of the journal for everything handed to it meanwhile and only
 //! then answers. So the sync of one batch overlaps the work of the next, and a sync writes one
-//! place of a pre-grown file instead of a dozen scattered pages. Every so often (a second, or
+//! place of a pre-grown file instead of a dozen scattered pages. Every so often (100 ms, or
 //! 8 MiB of journal) a batch is committed durably to redb instead (a *checkpoint*, which also
 //! makes every batch before it durable) and the journal starts over. At open, redb comes back
 //! at its last durable commit and the journal's records after it are applied again.
@@ -119,6 +119,13 @@ pub struct EmbeddedOptions {
     pub takeover_window: Duration,
 }
 
+/// The default [`EmbeddedOptions::checkpoint_interval`]. A checkpoint stops the writer while
+/// redb writes every page dirtied since the last one and syncs them, so its length grows with
+/// the interval: under fresh allocations at 32 connections it took about 13 ms once a second
+/// (1.3 % of the time, but 13 ms added to whatever arrived meanwhile: a p99 of 11–15 ms), and
+/// about 2.5 ms ten times a second (2.4 % of the time, the same throughput, a p99 of 3.5 ms).
+pub const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(100);
+
 impl EmbeddedOptions {
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         EmbeddedOptions {
@@ -127,7 +134,7 @@ impl EmbeddedOptions {
             max_batch_bytes: 64 << 20,
             queue: 8192,
             checkpoint_bytes: 8 << 20,
-            checkpoint_interval: Duration::from_secs(1),
+            checkpoint_interval: CHECKPOINT_INTERVAL,
             takeover_window: super::TAKEOVER_WINDOW,
         }
     }
