@@ -20,7 +20,7 @@
 //! changes to the journal, and hands the batch's answers to a second thread, the *syncer*,
 //! which runs one `fdatasync` of the journal for everything handed to it meanwhile and only
 //! then answers. So the sync of one batch overlaps the work of the next, and a sync writes one
-//! place of a pre-grown file instead of a dozen scattered pages. Every so often (100 ms, or
+//! place of a pre-grown file instead of a dozen scattered pages. Every so often (a second, or
 //! 8 MiB of journal) a batch is committed durably to redb instead (a *checkpoint*, which also
 //! makes every batch before it durable) and the journal starts over. At open, redb comes back
 //! at its last durable commit and the journal's records after it are applied again.
@@ -121,10 +121,13 @@ pub struct EmbeddedOptions {
 
 /// The default [`EmbeddedOptions::checkpoint_interval`]. A checkpoint stops the writer while
 /// redb writes every page dirtied since the last one and syncs them, so its length grows with
-/// the interval: under fresh allocations at 32 connections it took about 13 ms once a second
-/// (1.3 % of the time, but 13 ms added to whatever arrived meanwhile: a p99 of 11–15 ms), and
-/// about 2.5 ms ten times a second (2.4 % of the time, the same throughput, a p99 of 3.5 ms).
-pub const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(100);
+/// the interval: under fresh random allocations at 32 connections about 13 ms once a second.
+/// Ten times a second it was about 2.5 ms each and the p99 of those allocations fell from
+/// 11–15 ms to 3.5 ms, but every other workload of the bench got worse (a page written by
+/// many batches is written once per checkpoint): the store alone lost up to a third of its
+/// throughput at 8 to 256 callers, and the whole path through the filter a p99 of 2.9 ms
+/// became 1.2 s (`scripts/bench`, one run each, alternated). So a second it stays.
+pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 
 impl EmbeddedOptions {
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
