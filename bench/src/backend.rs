@@ -523,8 +523,8 @@ pub async fn disk(dir_in: &Path, count: usize) -> anyhow::Result<Disk> {
     while let Some(done) = tasks.join_next().await {
         done??;
     }
-    // The files as they stand: redb's (grown in steps) and the journal (at most its
-    // checkpoint size plus a step).
+    // The files as they stand: redb's (grown ahead by doubling, sparse beyond what it has
+    // written) and the journal (at most its checkpoint size plus a step).
     use std::os::unix::fs::MetadataExt as _;
     let (mut disk, mut apparent) = (0, 0);
     for entry in std::fs::read_dir(server._dir.path())? {

@@ -692,11 +692,11 @@ async fn openapi() -> Response {
         .into_response()
 }
 
-/// With `API_TOKEN` set, the request must carry `Authorization: Bearer <token>`.
-/// The bearer-token check of the captures routes (`--api-token`): an extractor of the
-/// request's head, which axum runs before the body's, so that a request without the token is
-/// refused (401) before its body is read. (An extractor rather than a middleware: a
-/// `route_layer` clones the boxed route for every request.)
+/// The bearer-token check of the captures routes: with `API_TOKEN` (`--api-token`) set, the
+/// request must carry `Authorization: Bearer <token>`. An extractor of the request's head,
+/// which axum runs before the body's, so that a request without the token is refused (401)
+/// before its body is read. (An extractor rather than a middleware: a `route_layer` clones
+/// the boxed route for every request.)
 pub struct Authorized;
 
 impl FromRequestParts<AppState> for Authorized {

@@ -1320,7 +1320,7 @@ mod tests {
                 takeover_window: WINDOW,
             };
             for (key, entry, row) in entries {
-                let bytes = serde_json::to_vec(entry).unwrap();
+                let bytes = codec::encode(entry);
                 tables.captures.insert(*key, bytes.as_slice()).unwrap();
                 tables.expiry.insert((*row, *key), ()).unwrap();
             }
