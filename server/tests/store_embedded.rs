@@ -200,12 +200,10 @@ async fn answers_that_change_nothing_pay_no_commit() {
     store.shutdown().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_operations_share_commits() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(open_in(dir.path()).await.unwrap());
+/// Allocates `k0..k{n}` all at once; each gets a lease.
+async fn allocate_concurrently(store: &Arc<EmbeddedStore>, n: usize) {
     let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..500 {
+    for i in 0..n {
         let store = store.clone();
         tasks.spawn(async move { store.allocate(alloc(&format!("k{i}"), HOUR)).await });
     }
@@ -215,12 +213,61 @@ async fn concurrent_operations_share_commits() {
             AllocateOutcome::Allocated { .. }
         ));
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_operations_share_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(open_in(dir.path()).await.unwrap());
+    allocate_concurrently(&store, 500).await;
     let stats = store.stats();
     // Every operation is accounted for and no batch commits twice. (How many batches form
     // depends on the scheduler; the benchmark measures it.)
     assert_eq!(stats.operations, 500);
     assert!(stats.commits <= stats.batches && stats.commits >= 1);
     store.shutdown().await.unwrap();
+}
+
+/// Who syncs the journal follows `inline_sync_below`: the writer itself while syncs are
+/// faster than it, the syncer thread otherwise; each acknowledged allocation is there after a
+/// reopen either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_journal_is_synced_by_the_writer_or_the_syncer_as_configured() {
+    for (below, by_writer) in [(HOUR, true), (Duration::ZERO, false)] {
+        let dir = tempfile::tempdir().unwrap();
+        let open = |below| {
+            let mut options = EmbeddedOptions::new(dir.path());
+            options.inline_sync_below = below;
+            // No checkpoint meanwhile: every sync counted is the journal's.
+            options.checkpoint_interval = HOUR;
+            async move {
+                tokio::task::spawn_blocking(move || EmbeddedStore::open(options))
+                    .await
+                    .unwrap()
+                    .unwrap()
+            }
+        };
+        let store = Arc::new(open(below).await);
+        allocate_concurrently(&store, 200).await;
+        let stats = store.stats();
+        assert_eq!(stats.checkpoints, 0);
+        assert!(stats.syncs >= 1, "{stats:?}");
+        if by_writer {
+            assert_eq!(stats.writer_syncs, stats.syncs, "{stats:?}");
+        } else {
+            assert_eq!(stats.writer_syncs, 0, "{stats:?}");
+        }
+        store.shutdown().await.unwrap();
+        drop(store);
+        let store = open(below).await;
+        for i in 0..200 {
+            assert!(matches!(
+                store.allocate(alloc(&format!("k{i}"), HOUR)).await.unwrap(),
+                AllocateOutcome::InFlight { .. }
+            ));
+        }
+        store.shutdown().await.unwrap();
+    }
 }
 
 /// An expired lease stays for the takeover window, so that its takeover is known (and
@@ -389,4 +436,23 @@ async fn entries_of_an_older_data_dir_and_base64_bodies_come_back_as_recorded() 
         );
     }
     store.shutdown().await.unwrap();
+}
+
+/// The conformance suite again with every sync on the syncer thread, the path a slow disk
+/// takes (on this machine's disks the writer syncs itself: `INLINE_SYNC_BELOW`).
+mod synced_by_the_syncer {
+    use super::*;
+
+    async fn embedded() -> conformance::Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let mut options = EmbeddedOptions::new(dir.path());
+        options.inline_sync_below = Duration::ZERO;
+        let store = tokio::task::spawn_blocking(move || EmbeddedStore::open(options))
+            .await
+            .unwrap()
+            .unwrap();
+        conformance::Harness::new(Arc::new(store), dir)
+    }
+
+    conformance_suite!(embedded);
 }
