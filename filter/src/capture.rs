@@ -4,9 +4,9 @@
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use idempotency_spec::{Capture, CaptureRecord, Header, HeaderValue, ReleaseRequest};
 
 use crate::config::StatusSet;
+use crate::json;
 use crate::pairs::Pairs;
 
 /// Headers that describe one connection, never stored nor replayed (RFC 9110 §7.6.1), plus
@@ -78,20 +78,41 @@ pub struct CaptureBuf {
 
 impl CaptureBuf {
     /// Starts a copy from the response headers (`:status` included or not).
-    pub fn new(status: u16, mut headers: Vec<(String, String)>, limit: u64) -> CaptureBuf {
-        let tokens = connection_tokens(headers.iter().map(|(n, v)| (n.as_str(), v.as_str())));
+    pub fn new(status: u16, headers: Vec<(String, String)>, limit: u64) -> CaptureBuf {
+        let text: Vec<(&str, &str)> = headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        CaptureBuf::from_text(status, &text, limit)
+    }
+
+    /// Starts a copy from the response headers as text: only those stored are copied.
+    fn from_text(status: u16, headers: &[(&str, &str)], limit: u64) -> CaptureBuf {
+        let tokens = connection_tokens(headers.iter().copied());
         let content_length = headers
             .iter()
             .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
             .and_then(|(_, v)| v.trim().parse::<u64>().ok());
         let limit = usize::try_from(limit).unwrap_or(usize::MAX);
         let overflow = content_length.is_some_and(|cl| cl > limit as u64);
-        headers.retain(|(n, _)| !is_hop_by_hop(n, &tokens) && !is_credential(n));
+        let mut kept = Vec::with_capacity(headers.len());
+        kept.extend(
+            headers
+                .iter()
+                .filter(|(n, _)| !is_hop_by_hop(n, &tokens) && !is_credential(n))
+                .map(|(n, v)| (n.to_string(), v.to_string())),
+        );
+        let headers = kept;
+        // Room for the whole body when its length is known and kept (no regrowth per chunk).
+        let body = match content_length.and_then(|cl| usize::try_from(cl).ok()) {
+            Some(cl) if !overflow => Vec::with_capacity(cl),
+            _ => Vec::new(),
+        };
         CaptureBuf {
             status,
             headers,
             content_length,
-            body: Vec::new(),
+            body,
             limit,
             seen: 0,
             overflow,
@@ -103,21 +124,36 @@ impl CaptureBuf {
 
     /// Starts a copy from the response headers as the host gives them (values as bytes).
     pub fn from_bytes(status: u16, headers: Pairs, limit: u64) -> CaptureBuf {
+        CaptureBuf::from_pairs(status, &headers, limit)
+    }
+
+    /// [`CaptureBuf::from_bytes`] of pairs borrowed from the host's map ([`crate::pairs::parse`]).
+    pub fn from_pairs<N: AsRef<[u8]>, V: AsRef<[u8]>>(
+        status: u16,
+        headers: &[(N, V)],
+        limit: u64,
+    ) -> CaptureBuf {
         let mut unstorable = false;
-        let text: Vec<(String, String)> = headers
-            .into_iter()
-            .filter_map(
-                |(n, v)| match (String::from_utf8(n), String::from_utf8(v)) {
+        let text: Vec<(&str, &str)> = headers
+            .iter()
+            .filter_map(|(n, v)| {
+                match (
+                    std::str::from_utf8(n.as_ref()),
+                    std::str::from_utf8(v.as_ref()),
+                ) {
                     (Ok(n), Ok(v)) => Some((n, v)),
                     _ => {
                         unstorable = true;
                         None
                     }
-                },
-            )
+                }
+            })
             .collect();
-        let mut c = CaptureBuf::new(status, text, limit);
-        c.unstorable = unstorable;
+        let mut c = CaptureBuf::from_text(status, &text, limit);
+        if unstorable {
+            c.unstorable = true;
+            c.body = Vec::new();
+        }
         c
     }
 
@@ -167,37 +203,68 @@ impl CaptureBuf {
         self.seen
     }
 
-    /// The record body (`POST /captures`): the body base64 (standard alphabet), every header
-    /// as its own entry (two `Set-Cookie` stay two). The copy ends here: its headers move into
-    /// the record.
+    /// The record body (`POST /captures`, an [`idempotency_spec::CaptureRecord`], its fields
+    /// in their order): the body base64 (standard alphabet, written in place: nothing in it
+    /// needs escaping), every header as its own entry (two `Set-Cookie` stay two).
     pub fn record_body(self, idempotency_key: &str, lease_token: &str) -> Vec<u8> {
-        let record = CaptureRecord {
-            idempotency_key: idempotency_key.to_string(),
-            lease_token: Some(lease_token.to_string()),
-            response: Capture {
-                response_status: self.status,
-                response_body: STANDARD.encode(&self.body),
-                response_headers: self
-                    .headers
-                    .into_iter()
-                    .map(|(key, v)| Header {
-                        key,
-                        value: HeaderValue::One(v),
-                    })
-                    .collect(),
-            },
-        };
-        serde_json::to_vec(&record).unwrap_or_default()
+        let b64 = base64::encoded_len(self.body.len(), true).unwrap_or(0);
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(n, v)| json::max_string_len(n) + json::max_string_len(v) + 20)
+            .sum();
+        let mut out = Vec::with_capacity(
+            160 + json::max_string_len(idempotency_key)
+                + json::max_string_len(lease_token)
+                + b64
+                + headers,
+        );
+        out.push(b'{');
+        json::field(&mut out, "idempotency_key", idempotency_key);
+        out.push(b',');
+        json::field(&mut out, "lease_token", lease_token);
+        out.extend_from_slice(b",\"response\":{");
+        json::key(&mut out, "response_status");
+        json::number(&mut out, u64::from(self.status));
+        out.push(b',');
+        json::key(&mut out, "response_body");
+        out.push(b'"');
+        let at = out.len();
+        out.resize(at + b64, 0);
+        let written = out
+            .get_mut(at..)
+            .and_then(|tail| STANDARD.encode_slice(&self.body, tail).ok())
+            .unwrap_or(0);
+        out.truncate(at + written);
+        out.extend_from_slice(b"\",");
+        json::key(&mut out, "response_headers");
+        out.push(b'[');
+        for (i, (key, value)) in self.headers.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.push(b'{');
+            json::field(&mut out, "key", key);
+            out.push(b',');
+            json::field(&mut out, "value", value);
+            out.push(b'}');
+        }
+        out.extend_from_slice(b"]}}");
+        out
     }
 }
 
-/// The release body (`DELETE /captures`).
+/// The release body (`DELETE /captures`, an [`idempotency_spec::ReleaseRequest`]).
 pub fn release_body(idempotency_key: &str, lease_token: &str) -> Vec<u8> {
-    serde_json::to_vec(&ReleaseRequest {
-        idempotency_key: idempotency_key.to_string(),
-        lease_token: Some(lease_token.to_string()),
-    })
-    .unwrap_or_default()
+    let mut out = Vec::with_capacity(
+        40 + json::max_string_len(idempotency_key) + json::max_string_len(lease_token),
+    );
+    out.push(b'{');
+    json::field(&mut out, "idempotency_key", idempotency_key);
+    out.push(b',');
+    json::field(&mut out, "lease_token", lease_token);
+    out.push(b'}');
+    out
 }
 
 /// What to do with the key when the request ends.
@@ -292,6 +359,54 @@ mod tests {
     // On wasm32-unknown-unknown the tests run under wasm-bindgen-test (Cargo.toml).
     #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
     use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    use idempotency_spec::{Capture, CaptureRecord, Header, HeaderValue, ReleaseRequest};
+
+    /// The bodies are written by hand: byte for byte what serde_json makes of the spec's types.
+    #[test]
+    fn record_and_release_bodies_are_what_serde_json_writes() {
+        let odd = "q\"uote b\\ack \u{1} \n \u{7f} é 😀 </script>";
+        for (headers, body, key, lease) in [
+            (vec![], vec![], "k", "t"),
+            (
+                vec![("content-type", "text/plain"), ("x-odd", odd), (odd, "v")],
+                b"\x00\xff\"\\ any bytes".to_vec(),
+                "a2V5-_",
+                odd,
+            ),
+            (vec![("a", "")], (0..=255).collect::<Vec<u8>>(), odd, ""),
+        ] {
+            let mut c = CaptureBuf::new(201, h(&headers), 1000);
+            c.push(&body);
+            let expected = CaptureRecord {
+                idempotency_key: key.to_string(),
+                lease_token: Some(lease.to_string()),
+                response: Capture {
+                    response_status: 201,
+                    response_body: STANDARD.encode(&body),
+                    response_headers: headers
+                        .iter()
+                        .map(|(n, v)| Header {
+                            key: n.to_string(),
+                            value: HeaderValue::One(v.to_string()),
+                        })
+                        .collect(),
+                },
+            };
+            assert_eq!(
+                String::from_utf8(c.record_body(key, lease)).unwrap(),
+                serde_json::to_string(&expected).unwrap()
+            );
+            let expected = ReleaseRequest {
+                idempotency_key: key.to_string(),
+                lease_token: Some(lease.to_string()),
+            };
+            assert_eq!(
+                String::from_utf8(release_body(key, lease)).unwrap(),
+                serde_json::to_string(&expected).unwrap()
+            );
+        }
+    }
 
     fn h(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs

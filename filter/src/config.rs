@@ -143,6 +143,8 @@ pub struct Server {
     pub timeout_ms: u64,
     /// Bearer token for the backend's `API_TOKEN`.
     pub token: Option<String>,
+    /// `Bearer {token}`: the `authorization` of every call, built once.
+    pub authorization: Option<String>,
 }
 
 /// What makes up a key's scope.
@@ -628,6 +630,7 @@ impl Config {
                 batch_path: format!("{path_prefix}/captures/batch"),
                 path_prefix,
                 timeout_ms,
+                authorization: token.as_ref().map(|t| format!("Bearer {t}")),
                 token,
             }),
             header,
@@ -906,6 +909,7 @@ mod tests {
     fn token_is_masked_in_the_effective_config() {
         let c = parse(r#"{"server":{"upstream":"x","token":"s3cret"}}"#).unwrap();
         assert_eq!(c.server.token.as_deref(), Some("s3cret"));
+        assert_eq!(c.server.authorization.as_deref(), Some("Bearer s3cret"));
         assert!(!c.to_json().to_string().contains("s3cret"));
     }
 }

@@ -12,10 +12,11 @@
 //! Every call of a request carries the request's trace context and id ([`CallContext`]), so
 //! that the backend's span joins the gateway's trace and its log line names the request.
 
-use idempotency_spec::{AllocateRequest, Capture, Header, HeaderValue, problem_type};
+use idempotency_spec::{Capture, Header, HeaderValue, problem_type};
 use serde_json::Value;
 
 use crate::config::Config;
+use crate::json::{self, Json};
 
 /// The answer of a call as the filter sees it: `None` status when the call failed (Envoy: no
 /// headers; Kong: `:dispatch_status` set, no `:status`).
@@ -31,23 +32,24 @@ pub struct CallAnswer {
 }
 
 impl CallAnswer {
-    /// Reads `:status`, `retry-after` and Kong's `:dispatch_status` from the answer's headers.
-    pub fn from_headers(headers: &[(String, String)], body: Vec<u8>) -> CallAnswer {
-        let get = |name: &str| {
-            headers
-                .iter()
-                .find(|(n, _)| n.eq_ignore_ascii_case(name))
-                .map(|(_, v)| v.clone())
-        };
-        let status = get(":status").and_then(|s| s.trim().parse::<u16>().ok());
+    /// Reads `:status`, `retry-after` and Kong's `:dispatch_status` from the answer's headers
+    /// (as bytes or text; invalid UTF-8 replaced).
+    pub fn from_headers<N: AsRef<[u8]>, V: AsRef<[u8]>>(
+        headers: &[(N, V)],
+        body: Vec<u8>,
+    ) -> CallAnswer {
+        let get = |name: &str| crate::pairs::get(headers, name);
+        let text = |v: &[u8]| String::from_utf8_lossy(v).into_owned();
+        let status =
+            get(":status").and_then(|s| std::str::from_utf8(s).ok()?.trim().parse::<u16>().ok());
         let failure = match (status, get(":dispatch_status")) {
-            (None, Some(d)) => Some(d),
+            (None, Some(d)) => Some(text(d)),
             (None, None) => Some("no answer".to_string()),
             _ => None,
         };
         CallAnswer {
             status,
-            retry_after: get("retry-after"),
+            retry_after: get("retry-after").map(text),
             failure,
             waited: get(idempotency_spec::WAITED_HEADER).is_some(),
             body,
@@ -78,45 +80,37 @@ pub enum Allocation {
     ServerError(String),
 }
 
-/// The answer's body as JSON (`Null` when it is not JSON).
-///
-/// The backend's answers are read as JSON values and picked apart by hand rather than
-/// through serde's derived deserializers: those, with the float formatting their type errors
-/// pull in, would cost about 30 KiB of the Wasm module; and a missing or mistyped field is
-/// then simply `None`, never an error message to format.
-fn json(body: &[u8]) -> Value {
-    serde_json::from_slice(body).unwrap_or(Value::Null)
+/// The answer's body as JSON (`Null` when it is not JSON), read by [`crate::json`]: strings
+/// borrowed from the body, nothing else built; a missing or mistyped field is then simply
+/// `None`, never an error message to format.
+fn json(body: &[u8]) -> Json<'_> {
+    json::parse(body).unwrap_or(Json::Null)
 }
 
-fn take_string(v: &mut Value, name: &str) -> Option<String> {
-    match v.get_mut(name).map(Value::take)? {
-        Value::String(s) => Some(s),
-        _ => None,
-    }
+/// The capture of a 200 allocate answer (`{"response": {…}}`), from serde_json's tree (the
+/// fuzz target's entry point; the filter reads the body with [`crate::json`]).
+pub fn capture_of(answer: Value) -> Option<Capture> {
+    capture_in(&Json::from_value(answer))
 }
 
-/// The capture of a 200 allocate answer (`{"response": {…}}`), the body moved, not copied.
-pub fn capture_of(mut answer: Value) -> Option<Capture> {
-    let mut r = answer.get_mut("response").map(Value::take)?;
+/// The capture of a 200 allocate answer (`{"response": {…}}`).
+fn capture_in(answer: &Json<'_>) -> Option<Capture> {
+    let text = |v: &Json<'_>| v.as_str().map(str::to_owned);
+    let r = answer.get("response")?;
     let response_status = u16::try_from(r.get("response_status")?.as_u64()?).ok()?;
-    let response_body = take_string(&mut r, "response_body")?;
-    let response_headers = r
-        .get_mut("response_headers")?
-        .as_array_mut()?
-        .iter_mut()
+    let response_body = text(r.get("response_body")?)?;
+    let Json::Array(items) = r.get("response_headers")? else {
+        return None;
+    };
+    let response_headers = items
+        .iter()
         .map(|h| {
-            let key = take_string(h, "key")?;
-            let value = match h.get_mut("value").map(Value::take)? {
-                Value::String(s) => HeaderValue::One(s),
-                Value::Array(items) => HeaderValue::Many(
-                    items
-                        .into_iter()
-                        .map(|i| match i {
-                            Value::String(s) => Some(s),
-                            _ => None,
-                        })
-                        .collect::<Option<Vec<String>>>()?,
-                ),
+            let key = text(h.get("key")?)?;
+            let value = match h.get("value")? {
+                Json::String(s) => HeaderValue::One(s.to_string()),
+                Json::Array(items) => {
+                    HeaderValue::Many(items.iter().map(text).collect::<Option<Vec<String>>>()?)
+                }
                 _ => return None,
             };
             Some(Header { key, value })
@@ -131,11 +125,15 @@ pub fn capture_of(mut answer: Value) -> Option<Capture> {
 
 pub fn allocation(answer: &CallAnswer) -> Allocation {
     match answer.status {
-        Some(202) => match take_string(&mut json(&answer.body), "lease_token") {
+        Some(202) => match json(&answer.body)
+            .get("lease_token")
+            .and_then(Json::as_str)
+            .map(str::to_owned)
+        {
             Some(lease_token) if !lease_token.is_empty() => Allocation::Proceed { lease_token },
             _ => Allocation::ServerError("202 without a lease token".to_string()),
         },
-        Some(200) => match capture_of(json(&answer.body)) {
+        Some(200) => match capture_in(&json(&answer.body)) {
             Some(c) => Allocation::Replay(Box::new(c)),
             None => Allocation::ServerError("200 with an unreadable capture".to_string()),
         },
@@ -143,7 +141,7 @@ pub fn allocation(answer: &CallAnswer) -> Allocation {
             retry_after: answer.retry_after.clone(),
         },
         Some(422) => {
-            if json(&answer.body).get("type").and_then(Value::as_str)
+            if json(&answer.body).get("type").and_then(Json::as_str)
                 == Some(problem_type::MALFORMED_KEY)
             {
                 Allocation::ServerError("the backend refused the key as malformed".to_string())
@@ -161,35 +159,47 @@ pub fn allocation(answer: &CallAnswer) -> Allocation {
 pub fn batch_statuses(answer: &CallAnswer, n: usize) -> Vec<Option<u16>> {
     match answer.status {
         Some(200) => {
-            let statuses: Option<Vec<Option<u16>>> = json(&answer.body)
-                .get("results")
-                .and_then(Value::as_array)
-                .filter(|results| results.len() == n)
-                .map(|results| {
+            let doc = json(&answer.body);
+            let statuses: Option<Vec<Option<u16>>> = match doc.get("results") {
+                Some(Json::Array(results)) if results.len() == n => Some(
                     results
                         .iter()
                         .map(|r| {
                             r.get("status")
-                                .and_then(Value::as_u64)
+                                .and_then(Json::as_u64)
                                 .and_then(|s| u16::try_from(s).ok())
                         })
-                        .collect()
-                });
+                        .collect(),
+                ),
+                _ => None,
+            };
             statuses.unwrap_or_else(|| vec![None; n])
         }
         status => vec![status; n],
     }
 }
 
-/// The body of an allocation; `wait` asks the backend to wait for the holder.
+/// The body of an allocation (an [`idempotency_spec::AllocateRequest`], its fields in their
+/// order); `wait` asks the backend to wait for the holder.
 pub fn allocate_body(cfg: &Config, key: &str, fingerprint: Option<String>, wait: bool) -> Vec<u8> {
-    serde_json::to_vec(&AllocateRequest {
-        idempotency_key: key.to_string(),
-        fingerprint,
-        lease_ms: Some(cfg.lease_ms),
-        wait_ms: wait.then_some(cfg.wait_ms),
-    })
-    .unwrap_or_default()
+    let fp_len = fingerprint.as_deref().map_or(0, json::max_string_len);
+    let mut out = Vec::with_capacity(128 + json::max_string_len(key) + fp_len);
+    out.extend_from_slice(b"{");
+    json::field(&mut out, "idempotency_key", key);
+    if let Some(fp) = &fingerprint {
+        out.push(b',');
+        json::field(&mut out, "fingerprint", fp);
+    }
+    out.push(b',');
+    json::key(&mut out, "lease_ms");
+    json::number(&mut out, cfg.lease_ms);
+    if wait {
+        out.push(b',');
+        json::key(&mut out, "wait_ms");
+        json::number(&mut out, cfg.wait_ms);
+    }
+    out.push(b'}');
+    out
 }
 
 /// What a call to the backend passes on of the request it is made for: its W3C trace context
@@ -226,20 +236,22 @@ impl CallContext {
     /// `,"request_id":…,"traceparent":…` for a batch item (nothing when there is neither).
     pub fn batch_fields(&self) -> Vec<u8> {
         let mut out = Vec::new();
+        self.write_batch_fields(&mut out);
+        out
+    }
+
+    /// [`CallContext::batch_fields`], written at the end of `out`.
+    pub fn write_batch_fields(&self, out: &mut Vec<u8>) {
         for (name, value) in [
             ("request_id", &self.request_id),
             ("traceparent", &self.traceparent),
         ] {
-            if let Some(value) = value
-                && let Ok(quoted) = serde_json::to_vec(value)
-            {
-                out.extend_from_slice(b",\"");
-                out.extend_from_slice(name.as_bytes());
-                out.extend_from_slice(b"\":");
-                out.extend_from_slice(&quoted);
+            if let Some(value) = value {
+                out.push(b',');
+                json::key(out, name);
+                json::string(out, value);
             }
         }
-        out
     }
 }
 
@@ -276,34 +288,31 @@ fn is_traceparent(value: &[u8]) -> bool {
         && (rest.is_empty() || (*version != b"00" && rest.first() == Some(&b'-')))
 }
 
-/// The headers of a call to the backend.
+/// The headers of a call to the backend, borrowed (`authorization`: the whole value,
+/// `Bearer …`).
 pub fn call_headers<'a>(
     method: &'a str,
     path: &'a str,
     authority: &'a str,
-    bearer: Option<&'a str>,
-    context: &CallContext,
-) -> Vec<(&'static str, String)> {
-    let mut h = vec![
-        (":method", method.to_string()),
-        (":path", path.to_string()),
-        (":authority", authority.to_string()),
-        ("content-type", "application/json".to_string()),
-        ("accept", "application/json".to_string()),
-    ];
-    if let Some(t) = bearer {
-        let mut value = String::with_capacity(7 + t.len());
-        value.push_str("Bearer ");
-        value.push_str(t);
-        h.push(("authorization", value));
-    }
+    authorization: Option<&'a str>,
+    context: &'a CallContext,
+) -> Vec<(&'static str, &'a str)> {
+    let mut h = Vec::with_capacity(9);
+    h.extend([
+        (":method", method),
+        (":path", path),
+        (":authority", authority),
+        ("content-type", "application/json"),
+        ("accept", "application/json"),
+    ]);
     for (name, value) in [
-        ("traceparent", &context.traceparent),
-        ("tracestate", &context.tracestate),
-        ("x-request-id", &context.request_id),
+        ("authorization", authorization),
+        ("traceparent", context.traceparent.as_deref()),
+        ("tracestate", context.tracestate.as_deref()),
+        ("x-request-id", context.request_id.as_deref()),
     ] {
         if let Some(value) = value {
-            h.push((name, value.clone()));
+            h.push((name, value));
         }
     }
     h
@@ -435,7 +444,7 @@ mod tests {
         assert_eq!(a.status, None);
         assert_eq!(a.failure.as_deref(), Some("timeout"));
         assert!(a.describe().contains("timeout"));
-        let a = CallAnswer::from_headers(&[], vec![]);
+        let a = CallAnswer::from_headers::<String, String>(&[], vec![]);
         assert_eq!(a.failure.as_deref(), Some("no answer"));
         assert!(!a.waited);
         let a = CallAnswer::from_headers(
@@ -468,23 +477,105 @@ mod tests {
         let cfg =
             Config::parse(br#"{"server":{"upstream":"b:1"},"conflict":"wait","wait_ms":5000}"#)
                 .unwrap();
-        let r: AllocateRequest =
+        let r: idempotency_spec::AllocateRequest =
             serde_json::from_slice(&allocate_body(&cfg, "k", Some("f".into()), true)).unwrap();
         assert_eq!(r.lease_ms, Some(60_000));
         assert_eq!(r.wait_ms, Some(5000));
         assert_eq!(r.fingerprint.as_deref(), Some("f"));
-        let r: AllocateRequest =
+        let r: idempotency_spec::AllocateRequest =
             serde_json::from_slice(&allocate_body(&cfg, "k", None, false)).unwrap();
         assert_eq!(r.wait_ms, None);
         assert_eq!(r.fingerprint, None);
     }
 
+    /// Written by hand: byte for byte what serde_json makes of the spec's type.
+    #[test]
+    fn allocate_body_is_what_serde_json_writes() {
+        let cfg = Config::parse(br#"{"server":{"upstream":"b:1"},"wait_ms":5000}"#).unwrap();
+        let odd = "a\"b\\c\u{0}\u{1f}é";
+        for (key, fp, wait) in [
+            ("k", None, false),
+            ("a2V5", Some("sha-256:00ff".to_string()), true),
+            (odd, Some(odd.to_string()), false),
+            (odd, None, true),
+        ] {
+            let expected = idempotency_spec::AllocateRequest {
+                idempotency_key: key.to_string(),
+                fingerprint: fp.clone(),
+                lease_ms: Some(cfg.lease_ms),
+                wait_ms: wait.then_some(cfg.wait_ms),
+            };
+            assert_eq!(
+                String::from_utf8(allocate_body(&cfg, key, fp, wait)).unwrap(),
+                serde_json::to_string(&expected).unwrap()
+            );
+        }
+    }
+
+    /// Every answer read by hand as it was read through serde_json's `Value`.
+    #[test]
+    fn answers_read_by_hand_as_through_serde_json() {
+        let captures = [
+            r#"{"idempotency_key":"k","response":{"response_status":201,"response_body":"AP8K","response_headers":[{"key":"a","value":"1"},{"key":"b","value":["1","2"]}]}}"#,
+            r#"{"response":{"response_status":201.0,"response_body":"","response_headers":[]}}"#,
+            r#"{"response":{"response_status":201,"response_body":"x","response_body":"y","response_headers":[],"extra":[1,{"a":null}]},"response":{"response_status":204,"response_body":"","response_headers":[{"value":"v","key":"k\u00e9","key":"k2","other":1}]}}"#,
+            r#"{"response":{"response_status":201,"response_body":"","response_headers":[{"key":"a","value":[]}]}}"#,
+            r#"{"response":{"response_status":201,"response_body":"","response_headers":[{"key":"a","value":null}]}}"#,
+            r#"{"response":{"response_status":201,"response_body":"","response_headers":[7]}}"#,
+            r#"{"response":[]}"#,
+            r#"{"response":{"response_status":-1,"response_body":"","response_headers":[]}}"#,
+            r#"{"response":{"response_status":201,"response_body":"\ud800","response_headers":[]}}"#,
+        ];
+        for doc in captures {
+            let by_hand = capture_in(&json(doc.as_bytes()));
+            let through_serde = serde_json::from_str(doc).ok().and_then(capture_of);
+            assert_eq!(by_hand, through_serde, "{doc}");
+        }
+        assert_eq!(
+            capture_in(&json(captures[2].as_bytes()))
+                .unwrap()
+                .response_headers[0]
+                .key,
+            "k2"
+        );
+        for (body, token) in [
+            (
+                r#"{"lease_token":"a","lease_expires_at":"x","more":{}}"#,
+                Some("a"),
+            ),
+            (r#"{"lease_token":"a","lease_token":"b"}"#, Some("b")),
+            (r#"{"lease_token":"\u0041\n"}"#, Some("A\n")),
+            (r#"{"lease_token":"a"} x"#, None),
+            (r#"{"lease_token":"a","n":1e999}"#, None),
+            (r#"{"lease_token":"a","n":1.5}"#, Some("a")),
+            (r#"["lease_token"]"#, None),
+        ] {
+            let expected = match token {
+                Some(t) => Allocation::Proceed {
+                    lease_token: t.into(),
+                },
+                None => Allocation::ServerError("202 without a lease token".into()),
+            };
+            assert_eq!(allocation(&ans(Some(202), body)), expected, "{body}");
+        }
+        let malformed = format!(
+            r#"{{"status":422,"type":"x","type":"{}"}}"#,
+            problem_type::MALFORMED_KEY
+        );
+        assert!(matches!(
+            allocation(&ans(Some(422), &malformed)),
+            Allocation::ServerError(_)
+        ));
+        let batch = r#"{"results":[{"status":200.0},{"status":201,"body":{"a":[]}}],"x":"y"}"#;
+        assert_eq!(batch_statuses(&ans(Some(200), batch), 2), [None, Some(201)]);
+    }
+
     #[test]
     fn call_headers_include_bearer_when_set() {
         let none = CallContext::default();
-        let h = call_headers("PUT", "/api/v2/captures", "b:1", Some("tok"), &none);
-        assert!(h.contains(&(":authority", "b:1".to_string())));
-        assert!(h.contains(&("authorization", "Bearer tok".to_string())));
+        let h = call_headers("PUT", "/api/v2/captures", "b:1", Some("Bearer tok"), &none);
+        assert!(h.contains(&(":authority", "b:1")));
+        assert!(h.contains(&("authorization", "Bearer tok")));
         assert!(
             !call_headers("PUT", "/p", "a", None, &none)
                 .iter()
@@ -511,9 +602,9 @@ mod tests {
             ("x-request-id", "req-1"),
         ]);
         let h = call_headers("PUT", "/p", "a", None, &cx);
-        assert!(h.contains(&("traceparent", TP.to_string())));
-        assert!(h.contains(&("tracestate", "vendor=1".to_string())));
-        assert!(h.contains(&("x-request-id", "req-1".to_string())));
+        assert!(h.contains(&("traceparent", TP)));
+        assert!(h.contains(&("tracestate", "vendor=1")));
+        assert!(h.contains(&("x-request-id", "req-1")));
         assert_eq!(
             String::from_utf8(cx.batch_fields()).unwrap(),
             format!(r#","request_id":"req-1","traceparent":"{TP}""#)

@@ -108,7 +108,8 @@ impl Http {
     /// by its digest, the one the backend logs), or nothing. Built once, on the first line.
     fn about(&self) -> &str {
         self.about.get_or_init(|| {
-            let mut about = String::new();
+            let id_len = self.context.request_id.as_ref().map_or(0, String::len);
+            let mut about = String::with_capacity(32 + id_len);
             if !self.key.is_empty() {
                 about.push_str("; key=");
                 about.push_str(&idempotency_spec::key_digest(&self.key));
@@ -216,7 +217,8 @@ impl Http {
             if is_grpc(header_value("content-type").as_deref()) {
                 return self.grpc();
             }
-            let headers = header_map(MapType::HttpRequestHeaders);
+            let raw = header_map(MapType::HttpRequestHeaders);
+            let headers = pairs::parse(&raw).unwrap_or_default();
             self.context = CallContext::of(|name| pairs::get(&headers, name));
             count(Metric::MissingKey);
             self.note(LogLevel::Info, "missing key: 400");
@@ -224,22 +226,22 @@ impl Http {
             return self.send_problem(Kind::MissingKey, &detail, None);
         }
         // As bytes: nothing a client sends may make the filter panic (see `pairs`).
-        let headers = header_map(MapType::HttpRequestHeaders);
+        let raw = header_map(MapType::HttpRequestHeaders);
+        let headers = pairs::parse(&raw).unwrap_or_default();
         let get = |name: &str| pairs::get(&headers, name);
         self.context = CallContext::of(get);
         if is_grpc(get("content-type")) {
             return self.grpc();
         }
-        let values: Vec<&[u8]> = headers
+        let mut values = headers
             .iter()
             .filter(|(n, _)| n.eq_ignore_ascii_case(cfg.header.as_bytes()))
-            .map(|(_, v)| v.as_slice())
-            .collect();
-        let raw = match values.as_slice() {
-            [one] => *one,
+            .map(|(_, v)| *v);
+        let raw = match (values.next(), values.next()) {
+            (Some(one), None) => one,
             // The lookup found a value the map does not list: no host does that.
-            [] => return Action::Continue,
-            _ => {
+            (None, _) => return Action::Continue,
+            (Some(_), Some(_)) => {
                 count(Metric::InvalidKey);
                 self.note(LogLevel::Info, "invalid key (repeated header): 400");
                 let detail = format!("the {} header is repeated", cfg.header);
@@ -493,7 +495,8 @@ impl Http {
             return Action::Continue;
         }
         self.phase = Phase::Done;
-        let Some(lease) = self.lease.clone() else {
+        // Nothing of the request needs its lease after this.
+        let Some(lease) = self.lease.take() else {
             return Action::Continue;
         };
         let copy = self.capture.take();
@@ -575,7 +578,8 @@ impl Http {
         let Some(reply) = self.reply.as_ref() else {
             return;
         };
-        let present = pairs::lossy(header_map(MapType::HttpResponseHeaders));
+        let raw = header_map(MapType::HttpResponseHeaders);
+        let present = pairs::lossy_of(&pairs::parse(&raw).unwrap_or_default());
         for op in replay::header_fixups(&present, reply) {
             let _ = match op {
                 HeaderOp::Remove(n) => {
@@ -652,7 +656,8 @@ impl Context for Http {
         let Some(cfg) = self.cfg.clone() else {
             return;
         };
-        let headers = pairs::lossy(header_map(MapType::HttpCallResponseHeaders));
+        let raw = header_map(MapType::HttpCallResponseHeaders);
+        let headers = pairs::parse(&raw).unwrap_or_default();
         let body = if body_size > 0 {
             hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
                 .ok()
@@ -708,12 +713,13 @@ impl HttpContext for Http {
                 Action::Continue
             }
             Phase::Proxying => {
-                let headers = header_map(MapType::HttpResponseHeaders);
+                let raw = header_map(MapType::HttpResponseHeaders);
+                let headers = pairs::parse(&raw).unwrap_or_default();
                 let status = pairs::get(&headers, ":status")
                     .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse::<u16>().ok());
                 if let Some(status) = status {
                     let mut capture =
-                        CaptureBuf::from_bytes(status, headers, cfg.max_capture_bytes);
+                        CaptureBuf::from_pairs(status, &headers, cfg.max_capture_bytes);
                     if !self.host.from_upstream() {
                         capture.not_from_upstream();
                     }

@@ -66,18 +66,16 @@ impl Fingerprint {
     pub fn finish(mut self) -> String {
         self.hasher.update(self.body_len.to_be_bytes());
         let digest: [u8; 32] = self.hasher.finalize().into();
+        const HEX: &[u8; 16] = b"0123456789abcdef";
         let mut out = String::with_capacity(72);
         out.push_str("sha-256:");
         for b in digest {
-            out.push(hex_digit(b >> 4));
-            out.push(hex_digit(b & 0xf));
+            for n in [b >> 4, b & 0xf] {
+                out.push(char::from(HEX.get(usize::from(n)).copied().unwrap_or(b'0')));
+            }
         }
         out
     }
-}
-
-fn hex_digit(n: u8) -> char {
-    char::from_digit(u32::from(n), 16).unwrap_or('0')
 }
 
 #[cfg(test)]

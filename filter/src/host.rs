@@ -167,6 +167,7 @@ mod tests {
             captures_path: "/captures".into(),
             batch_path: "/captures/batch".into(),
             token: None,
+            authorization: None,
             timeout_ms: 1,
         };
         for good in [

@@ -97,10 +97,19 @@ fn trim(mut v: &[u8]) -> &[u8] {
 
 /// The key the backend stores: base64url without padding of the scope digest and the key.
 pub fn backend_key(scope_digest: &[u8; 32], key: &str) -> String {
-    let mut raw = Vec::with_capacity(32 + key.len());
-    raw.extend_from_slice(scope_digest);
-    raw.extend_from_slice(key.as_bytes());
-    URL_SAFE_NO_PAD.encode(raw)
+    // On the stack: a key is at most MAX_KEY_LEN bytes (a longer one, which `parse` never
+    // gives, is encoded from the heap).
+    let mut buf = [0u8; 32 + MAX_KEY_LEN];
+    let len = 32 + key.len();
+    match buf.get_mut(..len) {
+        Some(raw) => {
+            let (scope, rest) = raw.split_at_mut(32);
+            scope.copy_from_slice(scope_digest);
+            rest.copy_from_slice(key.as_bytes());
+            URL_SAFE_NO_PAD.encode(raw)
+        }
+        None => URL_SAFE_NO_PAD.encode([&scope_digest[..], key.as_bytes()].concat()),
+    }
 }
 
 #[cfg(test)]
@@ -139,6 +148,10 @@ mod tests {
     #[test]
     fn backend_key_is_valid_for_the_backend_and_distinct_per_scope() {
         let k = backend_key(&[7; 32], &"~".repeat(MAX_KEY_LEN));
+        // The same encoding past the longest key (never given by `parse`).
+        let long = "~".repeat(MAX_KEY_LEN + 1);
+        let raw = [&[7u8; 32][..], long.as_bytes()].concat();
+        assert_eq!(backend_key(&[7; 32], &long), URL_SAFE_NO_PAD.encode(raw));
         assert!(idempotency_spec::is_valid_key(&k), "{k}");
         assert_ne!(backend_key(&[1; 32], "k"), backend_key(&[2; 32], "k"));
         assert_ne!(backend_key(&[1; 32], "k1"), backend_key(&[1; 32], "k2"));

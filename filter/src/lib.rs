@@ -21,6 +21,8 @@
 //! - [`queue`]: the bounded deferred record/release queue, retries with backoff.
 //! - [`metrics`]: counter names. [`host`]: host detection and what follows from it.
 //! - [`pairs`]: header maps as bytes, decoded without the SDK's `unwrap`s.
+//! - [`json`]: the backend calls' few JSON shapes, written and read by hand (serde_json for
+//!   the configuration only).
 //!
 //! The proxy-wasm layer, thin: [`root`] (configuration, tick, the queue's calls), [`filter`]
 //! (the HTTP context), [`shared`] (module memory shared by both: queue, metric ids, host).
@@ -67,6 +69,7 @@ pub mod decision;
 pub mod filter;
 pub mod fingerprint;
 pub mod host;
+pub mod json;
 pub mod key;
 pub mod metrics;
 pub mod pairs;

@@ -16,8 +16,9 @@ fn u32_at(bytes: &[u8], at: usize) -> Option<usize> {
     usize::try_from(u32::from_le_bytes(b)).ok()
 }
 
-/// Decodes the host's serialization; `None` when it is malformed.
-pub fn decode(bytes: &[u8]) -> Option<Pairs> {
+/// Decodes the host's serialization into pairs that borrow from it (what the filter reads:
+/// nothing copied); `None` when it is malformed.
+pub fn parse(bytes: &[u8]) -> Option<Vec<(&[u8], &[u8])>> {
     if bytes.is_empty() {
         return Some(Vec::new());
     }
@@ -35,9 +36,19 @@ pub fn decode(bytes: &[u8]) -> Option<Pairs> {
         data = data.checked_add(name_len)?.checked_add(1)?;
         let value = bytes.get(data..data.checked_add(value_len)?)?;
         data = data.checked_add(value_len)?.checked_add(1)?;
-        out.push((name.to_vec(), value.to_vec()));
+        out.push((name, value));
     }
     Some(out)
+}
+
+/// [`parse`], the pairs copied.
+pub fn decode(bytes: &[u8]) -> Option<Pairs> {
+    Some(
+        parse(bytes)?
+            .into_iter()
+            .map(|(n, v)| (n.to_vec(), v.to_vec()))
+            .collect(),
+    )
 }
 
 /// The host's serialization of `pairs`, the inverse of [`decode`]: what the unit tests and
@@ -58,21 +69,29 @@ pub fn encode<N: AsRef<[u8]>, V: AsRef<[u8]>>(pairs: &[(N, V)]) -> Vec<u8> {
 }
 
 /// The first value of a header (names compared case-insensitively).
-pub fn get<'a>(pairs: &'a [(Vec<u8>, Vec<u8>)], name: &str) -> Option<&'a [u8]> {
+pub fn get<'a, N: AsRef<[u8]>, V: AsRef<[u8]>>(
+    pairs: &'a [(N, V)],
+    name: &str,
+) -> Option<&'a [u8]> {
     pairs
         .iter()
-        .find(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
-        .map(|(_, v)| v.as_slice())
+        .find(|(n, _)| n.as_ref().eq_ignore_ascii_case(name.as_bytes()))
+        .map(|(_, v)| v.as_ref())
 }
 
 /// The pairs as text, invalid UTF-8 replaced: for statuses and comparisons only, never for
 /// anything hashed or stored.
 pub fn lossy(pairs: Pairs) -> Vec<(String, String)> {
-    pairs.into_iter().map(|(n, v)| (text(n), text(v))).collect()
+    lossy_of(&pairs)
 }
 
-fn text(b: Vec<u8>) -> String {
-    String::from_utf8(b).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+/// [`lossy`] of pairs borrowed from the host's map ([`parse`]).
+pub fn lossy_of<N: AsRef<[u8]>, V: AsRef<[u8]>>(pairs: &[(N, V)]) -> Vec<(String, String)> {
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    pairs
+        .iter()
+        .map(|(n, v)| (text(n.as_ref()), text(v.as_ref())))
+        .collect()
 }
 
 #[cfg(test)]
@@ -93,6 +112,9 @@ mod tests {
         assert_eq!(get(&p, "a"), Some(&b"b"[..]));
         assert_eq!(lossy(p)[0].1, "/caf\u{fffd}");
         assert_eq!(decode(&[]), Some(vec![]));
+        let borrowed = parse(&raw).unwrap();
+        assert_eq!(borrowed[0], (&b":path"[..], &b"/caf\xe9"[..]));
+        assert_eq!(get(&borrowed, "A"), Some(&b"b"[..]));
     }
 
     #[test]

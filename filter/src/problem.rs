@@ -3,8 +3,9 @@
 //! mismatch, 413 too large) the filter uses the backend's `type`, so a client sees one URN per
 //! cause whoever answered.
 
-use idempotency_spec::{PROBLEM_JSON, Problem as Body, problem_type};
+use idempotency_spec::{PROBLEM_JSON, problem_type};
 
+use crate::json;
 use crate::replay::LocalReply;
 
 /// Each case the filter answers itself.
@@ -78,14 +79,20 @@ impl Kind {
 
 /// Builds the answer for `kind`, with a human `detail`; `retry_after` (seconds) for 409.
 pub fn answer(kind: Kind, detail: &str, retry_after: Option<&str>) -> LocalReply {
-    let body = Body {
-        kind: kind.type_uri().to_string(),
-        title: kind.title().to_string(),
-        status: kind.status(),
-        detail: detail.to_string(),
-        error: Some(detail.to_string()),
-    };
-    let body = serde_json::to_vec(&body).unwrap_or_default();
+    // A `Problem` of the spec, its fields in their order, `error` repeating `detail`.
+    let mut body = Vec::with_capacity(160 + 2 * json::max_string_len(detail));
+    body.push(b'{');
+    json::field(&mut body, "type", kind.type_uri());
+    body.push(b',');
+    json::field(&mut body, "title", kind.title());
+    body.push(b',');
+    json::key(&mut body, "status");
+    json::number(&mut body, u64::from(kind.status()));
+    body.push(b',');
+    json::field(&mut body, "detail", detail);
+    body.push(b',');
+    json::field(&mut body, "error", detail);
+    body.push(b'}');
     let mut headers = vec![
         ("content-type".to_string(), PROBLEM_JSON.to_string()),
         ("cache-control".to_string(), "no-store".to_string()),
@@ -158,6 +165,22 @@ mod tests {
         }
         assert_ne!(Kind::MissingKey.type_uri(), Kind::InvalidKey.type_uri());
         assert_ne!(Kind::BodySpooled.type_uri(), Kind::BodyTooLarge.type_uri());
+    }
+
+    /// Written by hand: byte for byte what serde_json makes of the spec's `Problem`.
+    #[test]
+    fn bodies_are_what_serde_json_writes() {
+        for detail in ["d", "the X-Key\" header \\ is \u{1} repeated: é"] {
+            let a = answer(Kind::InvalidKey, detail, None);
+            let expected = idempotency_spec::Problem {
+                kind: INVALID_KEY.into(),
+                title: Kind::InvalidKey.title().into(),
+                status: 400,
+                detail: detail.into(),
+                error: Some(detail.into()),
+            };
+            assert_eq!(a.body, serde_json::to_vec(&expected).unwrap());
+        }
     }
 
     #[test]

@@ -123,7 +123,7 @@ impl Batch {
     /// body with `"op"` added, and its request's `request_id` and `traceparent` when it has
     /// them (spliced, not parsed again: every body is a JSON object).
     pub fn body(&self) -> Vec<u8> {
-        let size: usize = self.entries.iter().map(|e| e.body.len() + 20).sum();
+        let size: usize = self.entries.iter().map(|e| e.body.len() + 40).sum();
         let mut out = Vec::with_capacity(size + 20);
         out.extend_from_slice(b"{\"operations\":[");
         for (i, e) in self.entries.iter().enumerate() {
@@ -133,7 +133,7 @@ impl Batch {
             out.extend_from_slice(b"{\"op\":\"");
             out.extend_from_slice(e.op.name().as_bytes());
             out.push(b'"');
-            out.extend_from_slice(&e.context.batch_fields());
+            e.context.write_batch_fields(&mut out);
             match e.body.strip_prefix(b"{") {
                 // `{}`: nothing after the op.
                 Some(rest) if rest.first() == Some(&b'}') => out.extend_from_slice(rest),
@@ -398,6 +398,7 @@ mod tests {
             captures_path: "/api/v2/captures".into(),
             batch_path: "/api/v2/captures/batch".into(),
             token: None,
+            authorization: None,
             timeout_ms: 100,
         })
     }

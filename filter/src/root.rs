@@ -45,8 +45,8 @@ impl Context for Root {
         body_size: usize,
         _trailers: usize,
     ) {
-        let headers =
-            crate::pairs::lossy(crate::shared::header_map(MapType::HttpCallResponseHeaders));
+        let raw = crate::shared::header_map(MapType::HttpCallResponseHeaders);
+        let headers = crate::pairs::parse(&raw).unwrap_or_default();
         let body = if body_size > 0 {
             hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
                 .ok()
@@ -62,7 +62,14 @@ impl Context for Root {
         };
         let statuses = batch_statuses(&answer, n);
         if let Some(settled) = with_queue(|q| q.answered(token, &statuses, now)) {
-            report(&settled, &answer.describe());
+            // The answer is only described in the lines of entries not done (a `format!`).
+            let all_done = settled.iter().all(|s| matches!(s, Settled::Done(_)));
+            let what = if all_done {
+                String::new()
+            } else {
+                answer.describe()
+            };
+            report(&settled, &what);
         }
         // Nothing is sent from here: the next tick sends what is due.
     }

@@ -17,7 +17,7 @@ pub struct ScopeInput<'a> {
     /// The request path, with or without a query (the query is dropped).
     pub path: &'a [u8],
     /// Every request header (name, value); names are matched case-insensitively.
-    pub headers: &'a [(Vec<u8>, Vec<u8>)],
+    pub headers: &'a [(&'a [u8], &'a [u8])],
 }
 
 fn put(h: &mut Sha256, bytes: &[u8]) {
@@ -37,20 +37,30 @@ pub fn digest(route: bool, header_names: &[String], input: &ScopeInput<'_>) -> [
     if route {
         put(&mut h, b"route");
         put(&mut h, input.method);
-        put(&mut h, &input.host.to_ascii_lowercase());
+        // The host in lower case, without a copy.
+        h.update((input.host.len() as u64).to_be_bytes());
+        let mut buf = [0u8; 64];
+        for chunk in input.host.chunks(buf.len()) {
+            let lower = buf.get_mut(..chunk.len()).unwrap_or_default();
+            for (l, b) in lower.iter_mut().zip(chunk) {
+                *l = b.to_ascii_lowercase();
+            }
+            h.update(&*lower);
+        }
         put(&mut h, path_without_query(input.path));
     }
     for name in header_names {
         put(&mut h, b"header");
         put(&mut h, name.as_bytes());
-        let values: Vec<&[u8]> = input
-            .headers
-            .iter()
-            .filter(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
-            .map(|(_, v)| v.as_slice())
-            .collect();
-        h.update((values.len() as u64).to_be_bytes());
-        for v in values {
+        let values = || {
+            input
+                .headers
+                .iter()
+                .filter(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+                .map(|(_, v)| *v)
+        };
+        h.update((values().count() as u64).to_be_bytes());
+        for v in values() {
             put(&mut h, v);
         }
     }
@@ -64,10 +74,10 @@ mod tests {
     #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
-    fn hdrs(pairs: &[(&str, &str)]) -> Vec<(Vec<u8>, Vec<u8>)> {
+    fn hdrs<'a>(pairs: &[(&'a str, &'a str)]) -> Vec<(&'a [u8], &'a [u8])> {
         pairs
             .iter()
-            .map(|(a, b)| (a.as_bytes().to_vec(), b.as_bytes().to_vec()))
+            .map(|(a, b)| (a.as_bytes(), b.as_bytes()))
             .collect()
     }
 
@@ -152,7 +162,7 @@ mod tests {
         // Two values that are not UTF-8 and would read the same decoded lossily.
         let names = vec!["authorization".to_string()];
         let scope = |v: &[u8]| {
-            let headers = vec![(b"authorization".to_vec(), v.to_vec())];
+            let headers = vec![(&b"authorization"[..], v)];
             digest(
                 true,
                 &names,

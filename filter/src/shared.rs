@@ -13,7 +13,6 @@ use crate::config::{QueueConfig, Server};
 use crate::decision::{CallContext, call_headers};
 use crate::host::Host;
 use crate::metrics::Metric;
-use crate::pairs::Pairs;
 use crate::queue::{Entry, Queue};
 
 thread_local! {
@@ -93,27 +92,26 @@ unsafe extern "C" {
     ) -> u32;
 }
 
-/// A header map, names and values as bytes (see [`crate::pairs`]): empty when the host has
-/// none here or its answer is malformed.
+/// A header map in the host's serialization, for [`crate::pairs::parse`] (see
+/// [`crate::pairs`]): empty when the host has none here.
 #[cfg(target_arch = "wasm32")]
-pub fn header_map(map: MapType) -> Pairs {
+pub fn header_map(map: MapType) -> Vec<u8> {
     let mut data: *mut u8 = std::ptr::null_mut();
     let mut size: usize = 0;
     // SAFETY: the host writes a buffer it allocated through the SDK's
-    // `proxy_on_memory_allocate` (a boxed slice of exactly `size` bytes), which this function
-    // then owns and frees, as the SDK's own `get_map` does.
-    let bytes = unsafe {
+    // `proxy_on_memory_allocate` (a boxed slice of exactly `size` bytes), which the `Vec`
+    // returned then owns and frees, as the SDK's own `get_map` does.
+    unsafe {
         if proxy_get_header_map_pairs(map as u32, &mut data, &mut size) != 0 || data.is_null() {
             return Vec::new();
         }
         Vec::from_raw_parts(data, size, size)
-    };
-    crate::pairs::decode(&bytes).unwrap_or_default()
+    }
 }
 
 /// Natively (the unit tests) there is no host.
 #[cfg(not(target_arch = "wasm32"))]
-pub fn header_map(_map: MapType) -> Pairs {
+pub fn header_map(_map: MapType) -> Vec<u8> {
     Vec::new()
 }
 
@@ -146,10 +144,9 @@ pub fn call_backend(
         method,
         path,
         &server.authority,
-        server.token.as_deref(),
+        server.authorization.as_deref(),
         context,
     );
-    let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
     hostcalls::dispatch_http_call(
         &server.upstream,
         headers,
