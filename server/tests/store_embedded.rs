@@ -16,7 +16,11 @@ use idempotency_server::store::{
 use idempotency_server::{EmbeddedOptions, EmbeddedStore};
 
 async fn open_in(dir: &std::path::Path) -> Result<EmbeddedStore, OpenError> {
-    let options = EmbeddedOptions::new(dir);
+    open_with(EmbeddedOptions::new(dir)).await
+}
+
+/// Opens the store (a blocking call) off the runtime's threads.
+async fn open_with(options: EmbeddedOptions) -> Result<EmbeddedStore, OpenError> {
     tokio::task::spawn_blocking(move || EmbeddedStore::open(options))
         .await
         .unwrap()
@@ -93,12 +97,7 @@ async fn what_only_the_journal_holds_survives_a_crash_and_the_next_one() {
     let mut options = EmbeddedOptions::new(dir.path());
     // No checkpoint while the test runs: every answer is durable through the journal alone.
     options.checkpoint_interval = HOUR;
-    let open = |options: EmbeddedOptions| async move {
-        tokio::task::spawn_blocking(move || EmbeddedStore::open(options))
-            .await
-            .unwrap()
-            .unwrap()
-    };
+    let open = |options: EmbeddedOptions| async move { open_with(options).await.unwrap() };
     let store = open(options.clone()).await;
     let token = lease(&store, "done", HOUR).await;
     store.record(rec("done", &token, HOUR)).await.unwrap();
@@ -240,12 +239,7 @@ async fn the_journal_is_synced_by_the_writer_or_the_syncer_as_configured() {
             options.inline_sync_below = below;
             // No checkpoint meanwhile: every sync counted is the journal's.
             options.checkpoint_interval = HOUR;
-            async move {
-                tokio::task::spawn_blocking(move || EmbeddedStore::open(options))
-                    .await
-                    .unwrap()
-                    .unwrap()
-            }
+            async move { open_with(options).await.unwrap() }
         };
         let store = Arc::new(open(below).await);
         allocate_concurrently(&store, 200).await;
@@ -277,10 +271,7 @@ async fn the_purge_keeps_an_expired_lease_for_the_takeover_window() {
     let dir = tempfile::tempdir().unwrap();
     let mut options = EmbeddedOptions::new(dir.path());
     options.takeover_window = Duration::from_secs(2);
-    let store = tokio::task::spawn_blocking(move || EmbeddedStore::open(options))
-        .await
-        .unwrap()
-        .unwrap();
+    let store = open_with(options).await.unwrap();
     let AllocateOutcome::Allocated {
         lease_expires_at, ..
     } = store
@@ -447,10 +438,7 @@ mod synced_by_the_syncer {
         let dir = tempfile::tempdir().unwrap();
         let mut options = EmbeddedOptions::new(dir.path());
         options.inline_sync_below = Duration::ZERO;
-        let store = tokio::task::spawn_blocking(move || EmbeddedStore::open(options))
-            .await
-            .unwrap()
-            .unwrap();
+        let store = open_with(options).await.unwrap();
         conformance::Harness::new(Arc::new(store), dir)
     }
 

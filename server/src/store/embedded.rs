@@ -22,10 +22,11 @@
 //! then answers. So the sync of one batch overlaps the work of the next, and a sync writes one
 //! place of a pre-grown file instead of a dozen scattered pages. While syncs are fast (under
 //! [`INLINE_SYNC_BELOW`] on average, as on an SSD) the writer makes the sync itself and
-//! answers: the overlap would save less than the two thread hand-offs cost. Every so often (a second, or
-//! 8 MiB of journal) a batch is committed durably to redb instead (a *checkpoint*, which also
-//! makes every batch before it durable) and the journal starts over. At open, redb comes back
-//! at its last durable commit and the journal's records after it are applied again.
+//! answers: the overlap would save less than the two thread hand-offs cost. Every so often
+//! (a second, or 8 MiB of journal) a batch is committed durably to redb instead (a
+//! *checkpoint*, which also makes every batch before it durable) and the journal starts over.
+//! At open, redb comes back at its last durable commit and the journal's records after it are
+//! applied again.
 //!
 //! No answer is sent before its change is durable, and no answer depends on a change that is
 //! not: a batch that changed nothing (replays, 409s, 403s, an empty purge, a readiness probe)
@@ -498,7 +499,6 @@ impl EmbeddedStore {
         });
         let (to_syncer, synced) = std::sync::mpsc::channel();
         let sync_file = journal.sync_handle().map_err(journal_io)?;
-        let writer_sync_file = journal.sync_handle().map_err(journal_io)?;
         let syncer = {
             let shared = shared.clone();
             std::thread::Builder::new()
@@ -525,7 +525,6 @@ impl EmbeddedStore {
             last_checkpoint: Instant::now(),
             payload: Vec::new(),
             options: options.clone(),
-            sync_file: writer_sync_file,
         };
         let handle = std::thread::Builder::new()
             .name("store-writer".into())
@@ -750,8 +749,6 @@ struct Writer {
     /// The journal record of the batch being applied, reused.
     payload: Vec<u8>,
     options: EmbeddedOptions,
-    /// A handle on the journal for the syncs this thread makes itself.
-    sync_file: File,
 }
 
 /// An answer computed inside the transaction, sent once the batch's fate is known.
@@ -1035,7 +1032,7 @@ impl Writer {
             // A short sync: made here, which saves the two hand-offs of the syncer's path; it
             // also covers every batch handed to the syncer before (their answers wait for
             // the syncer, which finds them durable).
-            sync_journal(&self.sync_file, number, &self.shared)?;
+            sync_journal(self.journal.file(), number, &self.shared)?;
             self.shared.counters.writer_syncs.inc();
             self.shared
                 .counters

@@ -94,6 +94,11 @@ impl Journal {
         self.file.try_clone()
     }
 
+    /// The file itself, for a sync on the thread that writes it.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
     /// Bytes of records since the last restart.
     pub fn len(&self) -> u64 {
         self.offset
