@@ -7,7 +7,6 @@ use base64::engine::general_purpose::STANDARD;
 
 use crate::config::StatusSet;
 use crate::json;
-use crate::pairs::Pairs;
 
 /// Headers that describe one connection, never stored nor replayed (RFC 9110 §7.6.1), plus
 /// `content-length`, which is recomputed on replay.
@@ -122,12 +121,8 @@ impl CaptureBuf {
         }
     }
 
-    /// Starts a copy from the response headers as the host gives them (values as bytes).
-    pub fn from_bytes(status: u16, headers: Pairs, limit: u64) -> CaptureBuf {
-        CaptureBuf::from_pairs(status, &headers, limit)
-    }
-
-    /// [`CaptureBuf::from_bytes`] of pairs borrowed from the host's map ([`crate::pairs::parse`]).
+    /// Starts a copy from the response headers as the host gives them (as bytes, owned or
+    /// borrowed from the host's map: [`crate::pairs::parse`]).
     pub fn from_pairs<N: AsRef<[u8]>, V: AsRef<[u8]>>(
         status: u16,
         headers: &[(N, V)],
@@ -588,7 +583,7 @@ mod tests {
             (b"content-type".to_vec(), b"text/plain".to_vec()),
             (b"x-name".to_vec(), b"caf\xe9".to_vec()),
         ];
-        let mut c = CaptureBuf::from_bytes(200, headers.clone(), 10);
+        let mut c = CaptureBuf::from_pairs(200, &headers, 10);
         assert!(c.overflow(), "nothing is copied");
         c.push(b"abc");
         assert_eq!(c.seen(), 3);
@@ -596,7 +591,7 @@ mod tests {
             at_end(Some(&c), true, &below_500()),
             End::Release(ReleaseReason::Unstorable)
         );
-        let ok = CaptureBuf::from_bytes(200, headers[..1].to_vec(), 10);
+        let ok = CaptureBuf::from_pairs(200, &headers[..1], 10);
         assert_eq!(ok.headers, h(&[("content-type", "text/plain")]));
         assert_eq!(at_end(Some(&ok), true, &below_500()), End::Record);
     }

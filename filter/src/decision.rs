@@ -233,14 +233,8 @@ impl CallContext {
         }
     }
 
-    /// `,"request_id":…,"traceparent":…` for a batch item (nothing when there is neither).
-    pub fn batch_fields(&self) -> Vec<u8> {
-        let mut out = Vec::new();
-        self.write_batch_fields(&mut out);
-        out
-    }
-
-    /// [`CallContext::batch_fields`], written at the end of `out`.
+    /// `,"request_id":…,"traceparent":…` of a batch item, written at the end of `out`
+    /// (nothing when there is neither).
     pub fn write_batch_fields(&self, out: &mut Vec<u8>) {
         for (name, value) in [
             ("request_id", &self.request_id),
@@ -324,6 +318,13 @@ mod tests {
     // On wasm32-unknown-unknown the tests run under wasm-bindgen-test (Cargo.toml).
     #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
     use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    /// What [`CallContext::write_batch_fields`] writes on its own.
+    fn batch_fields(cx: &CallContext) -> String {
+        let mut out = Vec::new();
+        cx.write_batch_fields(&mut out);
+        String::from_utf8(out).unwrap()
+    }
 
     fn ans(status: Option<u16>, body: &str) -> CallAnswer {
         CallAnswer {
@@ -606,10 +607,10 @@ mod tests {
         assert!(h.contains(&("tracestate", "vendor=1")));
         assert!(h.contains(&("x-request-id", "req-1")));
         assert_eq!(
-            String::from_utf8(cx.batch_fields()).unwrap(),
+            batch_fields(&cx),
             format!(r#","request_id":"req-1","traceparent":"{TP}""#)
         );
-        assert!(CallContext::default().batch_fields().is_empty());
+        assert!(batch_fields(&CallContext::default()).is_empty());
         assert!(call_headers("PUT", "/p", "a", None, &CallContext::default()).len() == 5);
     }
 
@@ -642,9 +643,6 @@ mod tests {
         }
         // An id with quotes is escaped in a batch item, never spliced raw.
         let quoted = context(&[("x-request-id", r#"a"b\c"#)]);
-        assert_eq!(
-            String::from_utf8(quoted.batch_fields()).unwrap(),
-            r#","request_id":"a\"b\\c""#
-        );
+        assert_eq!(batch_fields(&quoted), r#","request_id":"a\"b\\c""#);
     }
 }

@@ -579,7 +579,7 @@ impl Http {
             return;
         };
         let raw = header_map(MapType::HttpResponseHeaders);
-        let present = pairs::lossy_of(&pairs::parse(&raw).unwrap_or_default());
+        let present = pairs::lossy(&pairs::parse(&raw).unwrap_or_default());
         for op in replay::header_fixups(&present, reply) {
             let _ = match op {
                 HeaderOp::Remove(n) => {

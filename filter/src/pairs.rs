@@ -79,14 +79,9 @@ pub fn get<'a, N: AsRef<[u8]>, V: AsRef<[u8]>>(
         .map(|(_, v)| v.as_ref())
 }
 
-/// The pairs as text, invalid UTF-8 replaced: for statuses and comparisons only, never for
-/// anything hashed or stored.
-pub fn lossy(pairs: Pairs) -> Vec<(String, String)> {
-    lossy_of(&pairs)
-}
-
-/// [`lossy`] of pairs borrowed from the host's map ([`parse`]).
-pub fn lossy_of<N: AsRef<[u8]>, V: AsRef<[u8]>>(pairs: &[(N, V)]) -> Vec<(String, String)> {
+/// The pairs (owned, or borrowed from the host's map: [`parse`]) as text, invalid UTF-8
+/// replaced: for statuses and comparisons only, never for anything hashed or stored.
+pub fn lossy<N: AsRef<[u8]>, V: AsRef<[u8]>>(pairs: &[(N, V)]) -> Vec<(String, String)> {
     let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
     pairs
         .iter()
@@ -110,7 +105,7 @@ mod tests {
         assert_eq!(get(&p, ":PATH"), Some(&b"/caf\xe9"[..]));
         assert_eq!(p[1].0, b"x-\xff");
         assert_eq!(get(&p, "a"), Some(&b"b"[..]));
-        assert_eq!(lossy(p)[0].1, "/caf\u{fffd}");
+        assert_eq!(lossy(&p)[0].1, "/caf\u{fffd}");
         assert_eq!(decode(&[]), Some(vec![]));
         let borrowed = parse(&raw).unwrap();
         assert_eq!(borrowed[0], (&b":path"[..], &b"/caf\xe9"[..]));

@@ -42,8 +42,8 @@ fuzz_target!(|input: Input<'_>| {
     let storable = headers
         .iter()
         .all(|(n, v)| std::str::from_utf8(n).is_ok() && std::str::from_utf8(v).is_ok());
-    let text = pairs::lossy(headers.clone());
-    let mut copy = CaptureBuf::from_bytes(input.status, headers, u64::from(input.limit));
+    let text = pairs::lossy(&headers);
+    let mut copy = CaptureBuf::from_pairs(input.status, &headers, u64::from(input.limit));
     let mut body = Vec::new();
     for chunk in &input.chunks {
         if copy.overflow() {
