@@ -29,11 +29,14 @@ pub fn wasm() -> Wasm {
 }
 
 /// One host running `module` in `mode`, in front of `api`, calling `backend`.
+/// A host running `module` on `api`, its callouts to `backend`; `record` is the filter's
+/// `record` setting (`auto`, its default: inline on Envoy, deferred on Kong).
 async fn host(
     mode: Mode,
     module: &PathBuf,
     api: &Upstream,
     backend: SocketAddr,
+    record: &str,
 ) -> anyhow::Result<Host> {
     let upstream = match mode {
         Mode::Ngx => backend.to_string(),
@@ -43,6 +46,7 @@ async fn host(
         "server": { "upstream": upstream },
         "max_request_body_bytes": 1 << 20,
         "tick_ms": TICK.as_millis() as u64,
+        "record": record,
     });
     Host::builder(mode, module)
         .filter_name("idempotency")
@@ -116,7 +120,7 @@ pub async fn fuel(
     // work once, on its first request (the filter detects its host there), that the
     // requests after it never repeat.
     // The floor: the same keyed request through the no-op filter.
-    let noop = host(mode, &wasm.noop, &api, backend).await?;
+    let noop = host(mode, &wasm.noop, &api, backend, "auto").await?;
     anyhow::ensure!(send(&noop, Some("floor-warm"), &body).await? == 201);
     noop.settle().await;
     anyhow::ensure!(send(&noop, Some("floor"), &body).await? == 201);
@@ -124,7 +128,7 @@ pub async fn fuel(
     let floor = last_fuel(&noop);
     noop.finish().await;
 
-    let t = host(mode, &wasm.filter, &api, backend).await?;
+    let t = host(mode, &wasm.filter, &api, backend, "auto").await?;
     let tag = format!("fuel-{}-{size}-{}", mode.name(), std::process::id());
     anyhow::ensure!(send(&t, None, &body).await? == 201);
     t.settle().await;
@@ -196,7 +200,7 @@ async fn in_flight_rss(
 ) -> anyhow::Result<f64> {
     let api = Upstream::start().await;
     api.reply("/orders", Reply::new(201).body(vec![b'r'; 1024]));
-    let h = host(mode, module, &api, backend).await?;
+    let h = host(mode, module, &api, backend, "auto").await?;
     let body = vec![b'q'; 1024];
     let tag = format!(
         "mem-{}-{}-{}",
@@ -358,16 +362,20 @@ async fn at_rate(
 
 pub struct Latency {
     pub mode: &'static str,
+    /// The filter's `record` setting: `deferred` (queued, sent from the tick) or `inline`
+    /// (the response's end waits for the stored capture).
+    pub record: &'static str,
     pub max_rps: f64,
     pub rate: f64,
     pub filter: (f64, f64),
     pub noop: (f64, f64),
 }
 
-/// The whole path at half of the filter's maximum load, filter against no-op, alternating,
-/// medians of `runs`.
+/// The whole path at half of the filter's maximum load, filter (with `record` as its
+/// `record` setting) against no-op, alternating, medians of `runs`.
 pub async fn latency(
     mode: Mode,
+    record: &'static str,
     wasm: &Wasm,
     backend: SocketAddr,
     runs: usize,
@@ -380,10 +388,10 @@ pub async fn latency(
             .header("content-type", "application/json")
             .body(r#"{"id":42,"status":"accepted"}"#),
     );
-    let filter = Arc::new(host(mode, &wasm.filter, &api, backend).await?);
-    let noop = Arc::new(host(mode, &wasm.noop, &api, backend).await?);
+    let filter = Arc::new(host(mode, &wasm.filter, &api, backend, record).await?);
+    let noop = Arc::new(host(mode, &wasm.noop, &api, backend, "auto").await?);
     let clocks = [Clock::start(filter.clone()), Clock::start(noop.clone())];
-    let tag = format!("lat-{}-{}", mode.name(), std::process::id());
+    let tag = format!("lat-{}-{record}-{}", mode.name(), std::process::id());
     let max_rps = max_load(&filter, &format!("{tag}-max"), 16, seconds).await?;
     let rate = max_rps / 2.0;
     let (mut f50, mut f99, mut n50, mut n99) = (vec![], vec![], vec![], vec![]);
@@ -407,6 +415,7 @@ pub async fn latency(
     }
     Ok(Latency {
         mode: mode.name(),
+        record,
         max_rps,
         rate,
         filter: (median(f50), median(f99)),

@@ -150,12 +150,16 @@ impl Report<'_> {
         for l in self.latency {
             let p50 = (l.filter.0 - l.noop.0) / 1000.0;
             let p99 = (l.filter.1 - l.noop.1) / 1000.0;
+            // The goal's path has a deferred record; the inline one (Envoy's default) waits
+            // for a second durable write, and is reported against the same bound.
+            let status = match l.record {
+                "deferred" => met(p50 <= 1.0 && p99 <= 3.0),
+                _ => "reported (not the goal's path)",
+            };
             let _ = writeln!(
                 out,
-                "| whole path, {}: added p50 / p99 over the no-op filter at {:.0} req/s | {p50:.2} ms / {p99:.2} ms | ≤ 1 ms / ≤ 3 ms | {} |",
-                l.mode,
-                l.rate,
-                met(p50 <= 1.0 && p99 <= 3.0)
+                "| whole path, {}, record: {}: added p50 / p99 over the no-op filter at {:.0} req/s | {p50:.2} ms / {p99:.2} ms | ≤ 1 ms / ≤ 3 ms | {status} |",
+                l.mode, l.record, l.rate,
             );
         }
         for mode in ["ngx", "envoy"] {
@@ -339,16 +343,17 @@ impl Report<'_> {
         let _ = writeln!(
             out,
             "\n### The whole path\n\nA POST with a fresh key through the host: filter, allocation in the backend, upstream, record \
-             (Kong: deferred, sent from the tick, the clock moving with real time; Envoy: inline, before the response ends). \
-             The maximum load is 16 clients in a closed loop; the latencies are then taken at half of it in an open loop (each \
+             (`record: deferred`: queued, sent as a batch from the root context's tick, the clock moving with real time, the only way on \
+             Kong; `record: inline`, Envoy's default: the end of the response waits for the stored capture). The maximum load is 16 clients in a closed loop; the latencies are then taken at half of it in an open loop (each \
              request sent on its schedule, its latency counted from it), the no-op filter at the same rate.\n\n\
-             | mode | maximum | rate | filter p50 / p99 | no-op p50 / p99 | added p50 / p99 |\n| --- | --- | --- | --- | --- | --- |"
+             | mode | record | maximum | rate | filter p50 / p99 | no-op p50 / p99 | added p50 / p99 |\n| --- | --- | --- | --- | --- | --- | --- |"
         );
         for l in self.latency {
             let _ = writeln!(
                 out,
-                "| {} | {:.0} req/s | {:.0} req/s | {:.2} / {:.2} ms | {:.2} / {:.2} ms | **{:.2} / {:.2} ms** |",
+                "| {} | {} | {:.0} req/s | {:.0} req/s | {:.2} / {:.2} ms | {:.2} / {:.2} ms | **{:.2} / {:.2} ms** |",
                 l.mode,
+                l.record,
                 l.max_rps,
                 l.rate,
                 l.filter.0 / 1000.0,
