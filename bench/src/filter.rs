@@ -28,9 +28,8 @@ pub fn wasm() -> Wasm {
     }
 }
 
-/// One host running `module` in `mode`, in front of `api`, calling `backend`.
-/// A host running `module` on `api`, its callouts to `backend`; `record` is the filter's
-/// `record` setting (`auto`, its default: inline on Envoy, deferred on Kong).
+/// One host running `module` in `mode`, in front of `api`, calling `backend`; `record` is the
+/// filter's `record` setting (`auto`, its default: inline on Envoy, deferred on Kong).
 async fn host(
     mode: Mode,
     module: &PathBuf,
@@ -369,6 +368,16 @@ pub struct Latency {
     pub rate: f64,
     pub filter: (f64, f64),
     pub noop: (f64, f64),
+}
+
+impl Latency {
+    /// What the filter adds over the no-op filter: p50 and p99, in ms.
+    pub fn added_ms(&self) -> (f64, f64) {
+        (
+            (self.filter.0 - self.noop.0) / 1000.0,
+            (self.filter.1 - self.noop.1) / 1000.0,
+        )
+    }
 }
 
 /// The whole path at half of the filter's maximum load, filter (with `record` as its

@@ -36,8 +36,8 @@ enum Cmd {
         recorded: PathBuf,
         replay: PathBuf,
     },
-    /// The whole path only (filter against the no-op filter, both modes), printed and not
-    /// written: the part to run under a profiler.
+    /// The whole path only (filter against the no-op filter, each of `PATHS`), printed and
+    /// not written: the part to run under a profiler.
     Path {
         #[arg(long, default_value_t = 3)]
         runs: usize,

@@ -148,8 +148,7 @@ impl Report<'_> {
             );
         }
         for l in self.latency {
-            let p50 = (l.filter.0 - l.noop.0) / 1000.0;
-            let p99 = (l.filter.1 - l.noop.1) / 1000.0;
+            let (p50, p99) = l.added_ms();
             // The goal's path has a deferred record; the inline one (Envoy's default) waits
             // for a second durable write, and is reported against the same bound.
             let status = match l.record {
@@ -360,8 +359,8 @@ impl Report<'_> {
                 l.filter.1 / 1000.0,
                 l.noop.0 / 1000.0,
                 l.noop.1 / 1000.0,
-                (l.filter.0 - l.noop.0) / 1000.0,
-                (l.filter.1 - l.noop.1) / 1000.0
+                l.added_ms().0,
+                l.added_ms().1
             );
         }
         let _ = writeln!(out);
