@@ -8,6 +8,10 @@ use std::process::ExitCode;
 
 use idempotency_server::config::{Config, ConfigError};
 
+/// See `Cargo.toml` for why not the system allocator.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let config = match Config::from_args(std::env::args_os()) {
         Ok(config) => config,

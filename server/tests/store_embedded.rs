@@ -8,7 +8,7 @@ mod conformance;
 use std::sync::Arc;
 use std::time::Duration;
 
-use idempotency_server::store::embedded::{DB_FILE, JOURNAL_FILE, OpenError};
+use idempotency_server::store::embedded::{DB_FILE, JOURNAL_FILES, OpenError};
 use idempotency_server::store::{
     Allocate, AllocateOutcome, Record, RecordOutcome, Release, ReleaseOutcome, Store, StoreError,
     now_ms,
@@ -85,7 +85,7 @@ async fn everything_acknowledged_survives_a_reopen() {
 /// (redb keeps its unsynced pages in its own memory until a checkpoint writes them).
 fn crash_copy(from: &std::path::Path) -> tempfile::TempDir {
     let to = tempfile::tempdir().unwrap();
-    for file in [DB_FILE, JOURNAL_FILE] {
+    for file in std::iter::once(DB_FILE).chain(JOURNAL_FILES) {
         std::fs::copy(from.join(file), to.path().join(file)).unwrap();
     }
     to
@@ -141,6 +141,102 @@ async fn what_only_the_journal_holds_survives_a_crash_and_the_next_one() {
         store.allocate(alloc("gone", HOUR)).await.unwrap(),
         AllocateOutcome::Allocated { .. }
     ));
+    store.shutdown().await.unwrap();
+}
+
+/// With a checkpoint begun after every batch that changed something (`checkpoint_bytes: 0`),
+/// most batches arrive while one runs beside the writer and are staged: journaled as the next
+/// generation, in the other journal file, and applied to redb only after it. A crash image
+/// then (redb at its last durable commit, both journal files) holds every acknowledged change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_was_staged_beside_a_checkpoint_survives_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = EmbeddedOptions::new(dir.path());
+    options.checkpoint_bytes = 0;
+    let store = Arc::new(open_with(options.clone()).await.unwrap());
+    // Rounds of concurrent work until batches were staged (a checkpoint takes at least a sync,
+    // so the first rounds nearly always are): each key allocated, then recorded, released,
+    // or left in flight.
+    let mut keys = Vec::new();
+    for round in 0..100 {
+        let tasks: Vec<_> = (0..24)
+            .map(|i| {
+                let store = store.clone();
+                let key = format!("k-{round}-{i}");
+                tokio::spawn(async move {
+                    let token = lease(&store, &key, HOUR).await;
+                    match i % 3 {
+                        0 => assert!(matches!(
+                            store.record(rec(&key, &token, HOUR)).await.unwrap(),
+                            RecordOutcome::Stored { .. }
+                        )),
+                        1 => assert_eq!(
+                            store
+                                .release(Release {
+                                    key: key.clone(),
+                                    lease_token: Some(token),
+                                })
+                                .await
+                                .unwrap(),
+                            ReleaseOutcome::Released
+                        ),
+                        _ => {}
+                    }
+                    (key, i % 3)
+                })
+            })
+            .collect();
+        for task in tasks {
+            keys.push(task.await.unwrap());
+        }
+        if round >= 3 && store.stats().staged > 0 {
+            break;
+        }
+    }
+    let stats = store.stats();
+    assert!(stats.staged > 0 && stats.checkpoints > 0, "{stats:?}");
+    // Every answer is in: nothing more is written but a checkpoint that may still be running.
+    let crashed = crash_copy(dir.path());
+    store.shutdown().await.unwrap();
+
+    options.data_dir = crashed.path().to_owned();
+    let store = open_with(options).await.unwrap();
+    for (key, fate) in &keys {
+        let outcome = store.allocate(alloc(key, HOUR)).await.unwrap();
+        match fate {
+            0 => assert_eq!(
+                outcome,
+                AllocateOutcome::Completed(conformance::capture(key)),
+                "{key}"
+            ),
+            1 => assert!(
+                matches!(outcome, AllocateOutcome::Allocated { .. }),
+                "{key}"
+            ),
+            _ => assert!(matches!(outcome, AllocateOutcome::InFlight { .. }), "{key}"),
+        }
+    }
+    store.shutdown().await.unwrap();
+}
+
+/// A purge that arrives while a checkpoint runs waits for it, and is answered when it is over
+/// even if nothing else comes (the checkpoint thread wakes the writer): here each allocation
+/// begins a checkpoint and the purge right after it is the only command queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_held_back_by_a_checkpoint_is_answered_when_it_is_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = EmbeddedOptions::new(dir.path());
+    options.checkpoint_bytes = 0;
+    let store = open_with(options).await.unwrap();
+    for i in 0..50 {
+        lease(&store, &format!("k-{i}"), Duration::from_millis(1)).await;
+        let purged = tokio::time::timeout(Duration::from_secs(20), store.purge_expired(1000))
+            .await
+            .expect("the purge is answered");
+        assert!(purged.is_ok(), "{purged:?}");
+    }
+    let stats = store.stats();
+    assert!(stats.checkpoints > 0, "{stats:?}");
     store.shutdown().await.unwrap();
 }
 
@@ -352,14 +448,13 @@ async fn the_purge_deletes_expired_entries_and_the_file_stops_growing() {
     }
     assert_eq!(store.stats().purged, (ROUNDS * PER_ROUND) as u64);
     // Freed pages are reused: the file follows what is live at once (one round, 1 MiB), not
-    // the total written (10 rounds, 10 MiB). Its size wanders with how the batches fell, so
-    // compare the later rounds with the highest of the first ones.
-    let early = *sizes[..ROUNDS / 2].iter().max().unwrap();
+    // the total written (10 rounds, 10 MiB). Its size wanders with how the batches fell and
+    // redb grows it by doubling (pages freed while a checkpoint runs are reused after it), so
+    // the later rounds may take one doubling over the first two; without reuse they would
+    // hold five times what those two wrote.
+    let early = *sizes[..2].iter().max().unwrap();
     let late = *sizes[ROUNDS / 2..].iter().max().unwrap();
-    assert!(
-        late <= early + early / 2,
-        "the file kept growing: {sizes:?}"
-    );
+    assert!(late <= 2 * early, "the file kept growing: {sizes:?}");
     store.shutdown().await.unwrap();
 }
 
@@ -438,6 +533,23 @@ mod synced_by_the_syncer {
         let dir = tempfile::tempdir().unwrap();
         let mut options = EmbeddedOptions::new(dir.path());
         options.inline_sync_below = Duration::ZERO;
+        let store = open_with(options).await.unwrap();
+        conformance::Harness::new(Arc::new(store), dir)
+    }
+
+    conformance_suite!(embedded);
+}
+
+/// The conformance suite again with a checkpoint begun after every batch that changed
+/// something, so that most operations are staged beside one (read through the checkpoint's
+/// snapshot and what was staged before them; purges held back until it is over).
+mod staged_beside_checkpoints {
+    use super::*;
+
+    async fn embedded() -> conformance::Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let mut options = EmbeddedOptions::new(dir.path());
+        options.checkpoint_bytes = 0;
         let store = open_with(options).await.unwrap();
         conformance::Harness::new(Arc::new(store), dir)
     }

@@ -22,17 +22,28 @@
 //! then answers. So the sync of one batch overlaps the work of the next, and a sync writes one
 //! place of a pre-grown file instead of a dozen scattered pages. While syncs are fast (under
 //! [`INLINE_SYNC_BELOW`] on average, as on an SSD) the writer makes the sync itself and
-//! answers: the overlap would save less than the two thread hand-offs cost. Every so often
-//! (a second, or 8 MiB of journal) a batch is committed durably to redb instead (a
-//! *checkpoint*, which also makes every batch before it durable) and the journal starts over.
-//! At open, redb comes back at its last durable commit and the journal's records after it are
-//! applied again.
+//! answers: the overlap would save less than the two thread hand-offs cost.
+//!
+//! # Checkpoints beside the writer
+//!
+//! Every so often (100 ms, or 8 MiB of journal) redb makes a durable commit (a *checkpoint*),
+//! which makes every batch before it durable in redb itself, and the journal starts over. That
+//! commit writes every page dirtied since the last one and syncs them (milliseconds to tens of
+//! milliseconds under load), and redb allows no other write transaction meanwhile. So it runs on a thread of its own
+//! (`store-checkpoint`), and the writer goes on without redb: it *stages* the batches that
+//! arrive meanwhile, reading through a snapshot of redb under what the staged batches changed
+//! (an in-memory map, key → entry), and making each durable by its journal record (of the next
+//! generation, in the other journal file: see [`journal`]). Purges wait for the checkpoint.
+//! Once the checkpoint is on disk, the next batch's transaction first applies the staged
+//! records to redb. At open, redb comes back at its last durable commit and the journal's
+//! records after it are applied again, those of a checkpoint that did not land included.
 //!
 //! No answer is sent before its change is durable, and no answer depends on a change that is
 //! not: a batch that changed nothing (replays, 409s, 403s, an empty purge, a readiness probe)
 //! pays no sync, but while an earlier batch's sync is pending its answers wait for it. An
 //! allocation of a key that is live (a replay, a 409, a 422) is answered from a read
-//! transaction without the writer when every batch the snapshot holds is durable.
+//! transaction without the writer when every batch the snapshot holds is durable, and no
+//! batch is staged (redb does not hold those yet).
 //!
 //! # Layout
 //!
@@ -67,6 +78,7 @@ mod reopen;
 
 pub use reopen::Reopening;
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -77,7 +89,10 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter};
-use redb::{Database, Durability, ReadableDatabase as _, ReadableTable, Table, TableDefinition};
+use redb::{
+    Database, Durability, ReadOnlyTable, ReadableDatabase as _, ReadableTable, Table,
+    TableDefinition,
+};
 use tokio::sync::{mpsc, oneshot};
 
 use journal::Journal;
@@ -97,8 +112,8 @@ const GENERATION: &str = "journal_generation";
 pub const DB_FILE: &str = "captures.redb";
 /// The lock file inside the data dir.
 pub const LOCK_FILE: &str = "LOCK";
-/// The journal file inside the data dir.
-pub const JOURNAL_FILE: &str = journal::FILE;
+/// The journal files inside the data dir (one per parity of the generation, see [`journal`]).
+pub const JOURNAL_FILES: [&str; 2] = journal::FILES;
 
 /// How the embedded store is opened.
 #[derive(Debug, Clone)]
@@ -118,6 +133,10 @@ pub struct EmbeddedOptions {
     /// ...or this long after the last one, whichever comes first: it bounds the journal's
     /// size, the work of an open after a crash, and what redb keeps unsynced in memory.
     pub checkpoint_interval: Duration,
+    /// Checkpoints run on a thread of their own while the writer stages the batches that come
+    /// meanwhile (the default). `false`: the writer makes them itself, and waits (the
+    /// benchmark's comparison with `checkpoint_bytes: 0`, a durable commit per batch).
+    pub background_checkpoints: bool,
     /// How long the purge keeps an expired lease ([`super::TAKEOVER_WINDOW`]).
     pub takeover_window: Duration,
     /// The writer syncs a batch's journal record itself while a sync takes less than this
@@ -136,15 +155,15 @@ pub struct EmbeddedOptions {
 /// meanwhile, and all of them are made durable by the next sync. A millisecond lies between.
 pub const INLINE_SYNC_BELOW: Duration = Duration::from_millis(1);
 
-/// The default [`EmbeddedOptions::checkpoint_interval`]. A checkpoint stops the writer while
-/// redb writes every page dirtied since the last one and syncs them, so its length grows with
-/// the interval: under fresh random allocations at 32 connections about 13 ms once a second.
-/// Ten times a second it was about 2.5 ms each and the p99 of those allocations fell from
-/// 11–15 ms to 3.5 ms, but every other workload of the bench got worse (a page written by
-/// many batches is written once per checkpoint): the store alone lost up to a third of its
-/// throughput at 8 to 256 callers, and the whole path through the filter a p99 of 2.9 ms
-/// became 1.2 s (`scripts/bench`, one run each, alternated). So a second it stays.
-pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
+/// The default [`EmbeddedOptions::checkpoint_interval`]. A checkpoint runs beside the writer,
+/// but its page writes and sync share the disk with the journal's syncs, so the batches staged
+/// meanwhile wait longer for theirs: under fresh allocations at 32 connections a checkpoint
+/// once a second took about 27 ms, and its staged batches were the slowest 1 % of the
+/// answers (a p99 of 9–11 ms). Ten times a second each is shorter and the p99 was 4–5 ms
+/// (6.6 ms once) at the same throughput (`wrk --latency`, alternating runs). (When the writer
+/// itself made the checkpoints, ten a second cost up to a third of the store's throughput:
+/// it waited for each.)
+pub const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(100);
 
 impl EmbeddedOptions {
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
@@ -155,6 +174,7 @@ impl EmbeddedOptions {
             queue: 8192,
             checkpoint_bytes: 8 << 20,
             checkpoint_interval: CHECKPOINT_INTERVAL,
+            background_checkpoints: true,
             takeover_window: super::TAKEOVER_WINDOW,
             inline_sync_below: INLINE_SYNC_BELOW,
         }
@@ -190,6 +210,7 @@ struct Counters {
     syncs: IntCounter,
     writer_syncs: IntCounter,
     checkpoints: IntCounter,
+    staged: IntCounter,
     purged: IntCounter,
     /// Operations per write transaction: the group commit's batch size.
     batch_operations: Histogram,
@@ -204,7 +225,7 @@ impl Counters {
     /// Adds them to the server's metrics (`GET /metrics`).
     fn register(&self, registry: &prometheus::Registry) {
         let c = self.clone();
-        let collectors: [Box<dyn prometheus::core::Collector>; 10] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 11] = [
             Box::new(c.operations),
             Box::new(c.reads),
             Box::new(c.batches),
@@ -212,6 +233,7 @@ impl Counters {
             Box::new(c.syncs),
             Box::new(c.writer_syncs),
             Box::new(c.checkpoints),
+            Box::new(c.staged),
             Box::new(c.purged),
             Box::new(c.batch_operations),
             Box::new(c.commit),
@@ -268,6 +290,10 @@ impl Default for Counters {
                 "checkpoints_total",
                 "Durable commits of redb after which the journal started over.",
             ),
+            staged: counter(
+                "staged_total",
+                "Batches that changed something while a checkpoint ran beside the writer: journaled, and applied to redb once the checkpoint was on disk.",
+            ),
             purged: counter("purged_total", "Expired entries deleted by the purge."),
             batch_operations: Histogram::with_opts(
                 HistogramOpts::new(
@@ -302,6 +328,8 @@ pub struct Stats {
     pub writer_syncs: u64,
     /// Durable redb commits after which the journal started over.
     pub checkpoints: u64,
+    /// Batches that changed something while a checkpoint ran beside the writer.
+    pub staged: u64,
     /// Expired entries deleted by the purge.
     pub purged: u64,
 }
@@ -321,6 +349,9 @@ struct Shared {
     failed: AtomicBool,
     /// A moving average of the journal's sync time, in nanoseconds (0 until the first).
     sync_nanos: AtomicU64,
+    /// Odd while the writer stages batches beside a checkpoint (redb does not hold them):
+    /// a read that saw it change, or odd, cannot answer.
+    staging: AtomicU64,
 }
 
 impl Shared {
@@ -356,7 +387,9 @@ impl Shared {
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
 enum Command {
-    Allocate(Allocate, Reply<AllocateOutcome>),
+    /// With the lease token it gets if it takes the key, drawn by the caller: the OS random
+    /// source is a system call, kept off the writer, the one thread every change goes through.
+    Allocate(Allocate, String, Reply<AllocateOutcome>),
     Record(Record, Reply<RecordOutcome>),
     Release(Release, Reply<ReleaseOutcome>),
     /// Applied in the transaction of the batch it lands in, like as many single operations.
@@ -364,6 +397,9 @@ enum Command {
     Purge(usize, Reply<usize>),
     Ping(Reply<()>),
     Shutdown(Reply<()>),
+    /// From the checkpoint thread when its commit is over: the writer, idle maybe, lands it
+    /// (what it staged goes to redb, the purges it held back are applied).
+    Checkpointed,
 }
 
 impl Command {
@@ -371,12 +407,13 @@ impl Command {
     fn fail(self, error: StoreError) {
         // A caller that went away does not need its answer.
         match self {
-            Command::Allocate(_, r) => drop(r.send(Err(error))),
+            Command::Allocate(_, _, r) => drop(r.send(Err(error))),
             Command::Record(_, r) => drop(r.send(Err(error))),
             Command::Release(_, r) => drop(r.send(Err(error))),
             Command::Batch(_, r) => drop(r.send(Err(error))),
             Command::Purge(_, r) => drop(r.send(Err(error))),
             Command::Ping(r) | Command::Shutdown(r) => drop(r.send(Err(error))),
+            Command::Checkpointed => {}
         }
     }
 
@@ -452,15 +489,16 @@ impl EmbeddedStore {
             })
             .create(&path)
             .map_err(|e| db_error(e.into()))?;
-        let journal_path = dir.join(JOURNAL_FILE);
+        let journal_path = dir.join(JOURNAL_FILES[0]);
         let journal_io = |source| OpenError::Io {
             what: "open the journal",
             path: journal_path.clone(),
             source,
         };
         // One durable transaction: the tables (created up front, so that reads never meet a
-        // missing one), the journal's records applied again, and a new generation, so that
-        // those records never count twice.
+        // missing one), the journal's records applied again (of redb's generation, and of the
+        // next one if a checkpoint was under way), and a generation after both, so that those
+        // records never count twice.
         let txn = db.begin_write().map_err(|e| db_error(e.into()))?;
         let (mut journal, generation, replayed) = {
             let mut captures = txn.open_table(CAPTURES).map_err(|e| db_error(e.into()))?;
@@ -479,9 +517,9 @@ impl EmbeddedStore {
                     },
                 )?;
             }
-            meta.insert(GENERATION, generation + 1)
+            meta.insert(GENERATION, generation + 2)
                 .map_err(|e| db_error(e.into()))?;
-            (journal, generation + 1, records.len())
+            (journal, generation + 2, records.len())
         };
         txn.commit().map_err(|e| db_error(e.into()))?;
         journal.restart(generation);
@@ -498,12 +536,11 @@ impl EmbeddedStore {
             ..Shared::default()
         });
         let (to_syncer, synced) = std::sync::mpsc::channel();
-        let sync_file = journal.sync_handle().map_err(journal_io)?;
         let syncer = {
             let shared = shared.clone();
             std::thread::Builder::new()
                 .name("store-syncer".into())
-                .spawn(move || sync(sync_file, synced, &shared))
+                .spawn(move || sync(synced, &shared))
                 .map_err(|source| OpenError::Io {
                     what: "start the syncer thread for",
                     path: path.clone(),
@@ -523,6 +560,8 @@ impl EmbeddedStore {
             number: 0,
             checkpointed: 0,
             last_checkpoint: Instant::now(),
+            staged: None,
+            wake: commands.downgrade(),
             payload: Vec::new(),
             options: options.clone(),
         };
@@ -564,6 +603,7 @@ impl EmbeddedStore {
             syncs: c.syncs.get(),
             writer_syncs: c.writer_syncs.get(),
             checkpoints: c.checkpoints.get(),
+            staged: c.staged.get(),
             purged: c.purged.get(),
         }
     }
@@ -588,6 +628,12 @@ impl EmbeddedStore {
     /// durable batches. `None`: the writer must answer (a free key, a batch not synced yet,
     /// an error, a store shut down).
     fn allocate_by_reading(&self, request: &Allocate) -> Option<AllocateOutcome> {
+        // Staging (odd), or a staging begun or ended during the read: the snapshot may miss
+        // what the writer answered meanwhile.
+        let staging = self.shared.staging.load(Ordering::SeqCst);
+        if staging % 2 == 1 {
+            return None;
+        }
         let reader = self.reader.read().ok()?;
         let txn = reader.as_ref()?.begin_read().ok()?;
         // Each batch takes its number before its commit becomes visible, so every batch in
@@ -605,7 +651,7 @@ impl EmbeddedStore {
             return None;
         }
         match super::allocate(Some(&current), request, now, String::new) {
-            (outcome, Change::None) => {
+            (outcome, Change::None) if self.shared.staging.load(Ordering::SeqCst) == staging => {
                 let c = &self.shared.counters;
                 c.operations.inc();
                 c.reads.inc();
@@ -626,7 +672,9 @@ impl Store for EmbeddedStore {
         if let Some(outcome) = self.allocate_by_reading(&request) {
             return Ok(outcome);
         }
-        self.call(|reply| Command::Allocate(request, reply)).await
+        let token = super::new_lease_token();
+        self.call(|reply| Command::Allocate(request, token, reply))
+            .await
     }
 
     async fn record(&self, request: Record) -> Result<RecordOutcome, StoreError> {
@@ -746,6 +794,11 @@ struct Writer {
     /// The number of the last batch a checkpoint made durable.
     checkpointed: u64,
     last_checkpoint: Instant,
+    /// While a checkpoint runs beside the writer: the batches staged meanwhile.
+    staged: Option<Staged>,
+    /// The writer's own channel, for the checkpoint thread's [`Command::Checkpointed`] (weak:
+    /// the channel still closes when the store's handles are gone).
+    wake: mpsc::WeakSender<Command>,
     /// The journal record of the batch being applied, reused.
     payload: Vec<u8>,
     options: EmbeddedOptions,
@@ -760,6 +813,26 @@ struct ToSync {
     pending: Vec<Pending>,
     /// When its commit began, for a batch that changed something (its commit latency).
     committed: Option<Instant>,
+    /// The journal file its record went to (the syncer syncs the newest batch's file: the
+    /// writer syncs a file's last records itself before it moves to the other one).
+    file: Arc<File>,
+}
+
+/// A checkpoint running beside the writer, and what the writer staged meanwhile.
+struct Staged {
+    /// redb's durable commit of generation `generation`, on the `store-checkpoint` thread.
+    committing: JoinHandle<Result<(), StoreError>>,
+    generation: u64,
+    /// The last batch the checkpoint holds.
+    upto: u64,
+    /// redb as the checkpoint commits it: what staged batches read under `changed`.
+    snapshot: ReadOnlyTable<&'static str, &'static [u8]>,
+    /// What the staged batches changed: each key's entry (encoded), or `None` if deleted.
+    changed: HashMap<String, Option<Vec<u8>>>,
+    /// The staged batches' journal records, in order: applied to redb after the checkpoint.
+    records: Vec<Vec<u8>>,
+    /// Purges, applied after the checkpoint (the expiry index is redb's).
+    deferred: Vec<Command>,
 }
 
 fn answer<T: Send + 'static>(reply: Reply<T>, result: Result<T, StoreError>) -> Pending {
@@ -778,15 +851,19 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
 
 /// The syncer thread: one `fdatasync` of the journal for everything handed over since the
 /// last one, then the answers. Ends when the writer drops its sender.
-fn sync(file: File, batches: std::sync::mpsc::Receiver<ToSync>, shared: &Shared) {
+fn sync(batches: std::sync::mpsc::Receiver<ToSync>, shared: &Shared) {
     while let Ok(first) = batches.recv() {
         let mut ready = vec![first];
         ready.extend(batches.try_iter());
         let upto = ready.iter().map(|b| b.number).max().unwrap_or(0);
+        let file = ready
+            .last()
+            .map(|b| b.file.clone())
+            .expect("one batch at least");
         let outcome = if let Err(e) = shared.failed() {
             Err(e)
         } else if shared.durable.load(Ordering::SeqCst) >= upto {
-            Ok(()) // a checkpoint made them durable meanwhile
+            Ok(()) // a checkpoint or the writer made them durable meanwhile
         } else {
             sync_journal(&file, upto, shared)
         };
@@ -856,23 +933,32 @@ impl Writer {
         if let Some(syncer) = self.syncer.take() {
             let _ = syncer.join();
         }
+        // A checkpoint still running (the store was dropped without a shutdown) holds the
+        // database: the dir stays locked until it is over.
+        if let Some(staged) = self.staged.take() {
+            let _ = staged.committing.join();
+        }
         drop(self);
         if let Some((reply, flushed)) = shutdown {
             let _ = reply.send(flushed);
         }
     }
 
-    /// Apply one batch in one transaction and answer it (or hand its answers to the syncer).
-    /// If the batch carried a shutdown, returns its reply and whether what came before it was
-    /// made durable (commands after it are refused).
-    fn apply(&mut self, batch: Vec<Command>) -> Option<(Reply<()>, Result<(), StoreError>)> {
+    /// Apply one batch and answer it (or hand its answers to the syncer): in one write
+    /// transaction, or staged while a checkpoint runs beside the writer. If the batch carried a
+    /// shutdown, returns its reply and whether what came before it was made durable (commands
+    /// after it are refused).
+    fn apply(&mut self, mut batch: Vec<Command>) -> Option<(Reply<()>, Result<(), StoreError>)> {
         self.shared.counters.batches.inc();
         let operations: usize = batch
             .iter()
             .map(|command| match command {
                 Command::Allocate(..) | Command::Record(..) | Command::Release(..) => 1,
                 Command::Batch(ops, _) => ops.len(),
-                Command::Purge(..) | Command::Ping(_) | Command::Shutdown(_) => 0,
+                Command::Purge(..)
+                | Command::Ping(_)
+                | Command::Shutdown(_)
+                | Command::Checkpointed => 0,
             })
             .sum();
         if operations > 0 {
@@ -884,112 +970,132 @@ impl Writer {
         if let Err(e) = self.shared.failed() {
             return fail_all(batch, &e);
         }
+        // A checkpoint beside the writer: stage the batch while it runs; once it is on disk
+        // (or a shutdown must wait for it), its staged records go into this transaction first.
+        let landed = match &self.staged {
+            None => None,
+            Some(staged)
+                if staged.committing.is_finished()
+                    || batch
+                        .iter()
+                        .any(|c| matches!(c, Command::Shutdown(_) | Command::Checkpointed)) =>
+            {
+                self.staged.take()
+            }
+            Some(_) => return self.apply_staged(batch),
+        };
+        let records = match landed {
+            None => None,
+            Some(staged) => {
+                let Staged {
+                    committing,
+                    generation,
+                    upto,
+                    records,
+                    deferred,
+                    ..
+                } = staged;
+                // The purges it held back come first, as they came.
+                batch.splice(0..0, deferred);
+                if let Err(e) = self.land(committing, generation, upto) {
+                    return fail_all(batch, &e);
+                }
+                Some(records)
+            }
+        };
         let txn = match self.db.begin_write() {
             Ok(txn) => txn,
             Err(e) => {
                 tracing::error!(error = %e, "cannot begin a write transaction");
+                self.shared.failed.store(true, Ordering::SeqCst);
                 return fail_all(batch, &unavailable(e));
             }
         };
+        let landed = records.is_some();
+        let merged = match records {
+            None => false,
+            Some(records) => match self.merge(&txn, &records) {
+                Ok(()) => !records.is_empty(),
+                Err(e) => {
+                    let _ = txn.abort();
+                    return fail_all(batch, &e);
+                }
+            },
+        };
         let mut pending: Vec<Pending> = Vec::with_capacity(batch.len());
-        let mut shutdown = None;
-        let mut changed = false;
         let mut rest = batch.into_iter();
         self.payload.clear();
-        let applied: Result<(), redb::Error> = (|| {
+        let applied = (|| {
             let mut tables = Tables {
-                captures: txn.open_table(CAPTURES)?,
-                expiry: txn.open_table(EXPIRY)?,
+                target: Target::Redb {
+                    captures: txn.open_table(CAPTURES)?,
+                    expiry: txn.open_table(EXPIRY)?,
+                },
                 counters: &self.shared.counters,
                 journal: &mut self.payload,
                 takeover_window: self.options.takeover_window,
             };
-            let now = now_ms();
-            for command in rest.by_ref() {
-                match command {
-                    Command::Allocate(request, reply) => {
-                        changed |=
-                            operate(&mut tables, &request.key, reply, &mut pending, |current| {
-                                super::allocate(current, &request, now, super::new_lease_token)
-                            })?;
-                    }
-                    Command::Record(request, reply) => {
-                        changed |=
-                            operate(&mut tables, &request.key, reply, &mut pending, |current| {
-                                super::record(current, &request, now)
-                            })?;
-                    }
-                    Command::Release(request, reply) => {
-                        changed |=
-                            operate(&mut tables, &request.key, reply, &mut pending, |current| {
-                                super::release(current, &request, now)
-                            })?;
-                    }
-                    Command::Batch(operations, reply) => {
-                        let mut results = Vec::with_capacity(operations.len());
-                        for op in operations {
-                            let (result, wrote) = match op {
-                                BatchOp::Record(request) => {
-                                    step(&mut tables, &request.key, |current| {
-                                        super::record(current, &request, now)
-                                    })
-                                    .map(|(r, w)| (r.map(BatchOutcome::Record), w))?
-                                }
-                                BatchOp::Release(request) => {
-                                    step(&mut tables, &request.key, |current| {
-                                        super::release(current, &request, now)
-                                    })
-                                    .map(|(r, w)| (r.map(BatchOutcome::Release), w))?
-                                }
-                            };
-                            changed |= wrote;
-                            results.push(result);
-                        }
-                        pending.push(answer(reply, Ok(results)));
-                    }
-                    Command::Purge(limit, reply) => {
-                        let (rows, purged) = purge(&mut tables, now, limit)?;
-                        changed |= rows > 0;
-                        self.shared.counters.purged.inc_by(purged as u64);
-                        pending.push(answer(reply, Ok(rows)));
-                    }
-                    Command::Ping(reply) => {
-                        // A read through the write path: the writer is alive and the table
-                        // answers.
-                        tables.captures.first()?;
-                        pending.push(answer(reply, Ok(())));
-                    }
-                    Command::Shutdown(reply) => {
-                        shutdown = Some(reply);
-                        break;
-                    }
-                }
-            }
-            Ok(())
+            execute_all(&mut tables, &mut rest, &mut pending)
         })();
+        // (Only a staged batch defers anything.)
+        let (applied, changed, shutdown) = match applied {
+            Ok(done) => (Ok(()), done.changed, done.shutdown),
+            Err(e) => (Err(e), false, None),
+        };
 
         // A shutdown leaves redb self-contained: what only the journal holds is checkpointed.
         let due = self.journal.len() >= self.options.checkpoint_bytes
             || self.last_checkpoint.elapsed() >= self.options.checkpoint_interval;
-        let checkpoint = (changed && due)
-            || (shutdown.is_some() && (changed || self.number > self.checkpointed));
+        let checkpoint = (changed && due && !self.options.background_checkpoints)
+            || (shutdown.is_some() && (changed || merged || self.number > self.checkpointed));
         let outcome = match applied {
             Err(e) => {
                 tracing::error!(error = %e, "a write transaction failed; rolled back");
                 let _ = txn.abort();
+                if merged {
+                    // The staged batches were acknowledged: redb must not go on without them.
+                    self.shared.failed.store(true, Ordering::SeqCst);
+                }
                 Err(unavailable(e))
             }
             Ok(()) if checkpoint => self.checkpoint(txn, pending),
-            Ok(()) if changed => self.journal_batch(txn, pending),
-            // Nothing to make durable: no sync; the answers wait only for an earlier batch's.
-            Ok(()) => txn.abort().map_err(unavailable).and_then(|()| {
-                if self.shared.durable.load(Ordering::SeqCst) < self.number {
-                    self.to_syncer(self.number, pending, None)
-                } else {
-                    Ok(pending)
+            Ok(()) if changed => {
+                let journaled = self.journal_batch(Some(txn), pending);
+                if journaled.is_ok()
+                    && due
+                    && shutdown.is_none()
+                    && let Err(e) = self.begin_checkpoint()
+                {
+                    // The batch is durable all the same; the next one tries again.
+                    tracing::error!(error = %e, "cannot begin a checkpoint");
                 }
-            }),
+                journaled
+            }
+            // Nothing to make durable: no sync; the answers wait only for an earlier batch's.
+            // (Staged records merged here are journaled already: a commit without a sync.)
+            Ok(()) => if merged {
+                commit_unsynced(txn)
+            } else {
+                txn.abort().map_err(unavailable)
+            }
+            .and_then(|()| self.after_durable(pending)),
         };
+        if landed {
+            // redb holds the staged batches now: reads may answer again.
+            self.shared.staging.fetch_add(1, Ordering::SeqCst);
+        }
+        self.answer_all(outcome, rest, shutdown)
+    }
+
+    /// Send what `outcome` leaves to answer (its error to all of them if it failed), refuse
+    /// the commands left over (after a shutdown in the batch, or a failure), and return the
+    /// shutdown's reply with its outcome.
+    fn answer_all(
+        &mut self,
+        outcome: Result<Vec<Pending>, StoreError>,
+        rest: impl Iterator<Item = Command>,
+        shutdown: Option<Reply<()>>,
+    ) -> Option<(Reply<()>, Result<(), StoreError>)> {
         let (error, pending) = match outcome {
             Ok(pending) => (None, pending),
             Err(e) => (Some(e), Vec::new()),
@@ -997,18 +1103,80 @@ impl Writer {
         for done in pending {
             done(error.as_ref());
         }
-        // Left over: after a shutdown in the batch (closed), or after a failure (unavailable).
         for command in rest {
             command.fail(error.as_ref().map_or(StoreError::Closed, unavailable));
         }
         shutdown.map(|reply| (reply, error.map_or(Ok(()), Err)))
     }
 
-    /// Commit without a sync, journal the batch, and hand its answers to the syncer. Returns
-    /// what is still to be answered here (nothing, unless it failed: then the error).
+    /// A batch that arrives while a checkpoint runs: applied over the checkpoint's snapshot
+    /// and the changes staged before it, made durable by its journal record alone. A shutdown
+    /// ends it: the shutdown (and what follows) is applied once the checkpoint has landed.
+    fn apply_staged(&mut self, batch: Vec<Command>) -> Option<(Reply<()>, Result<(), StoreError>)> {
+        let staged = self.staged.as_mut().expect("a checkpoint in flight");
+        let mut pending: Vec<Pending> = Vec::with_capacity(batch.len());
+        let mut rest = batch.into_iter();
+        let mut left = Vec::new();
+        self.payload.clear();
+        let mut tables = Tables {
+            target: Target::Staged {
+                snapshot: &staged.snapshot,
+                changed: &mut staged.changed,
+            },
+            counters: &self.shared.counters,
+            journal: &mut self.payload,
+            takeover_window: self.options.takeover_window,
+        };
+        let applied = execute_all(&mut tables, &mut rest, &mut pending);
+        drop(tables);
+        let mut changed = false;
+        let applied = applied.map(|done| {
+            changed = done.changed;
+            staged.deferred.extend(done.deferred);
+            left.extend(done.shutdown.map(Command::Shutdown));
+        });
+        let outcome = match applied {
+            Err(e) => {
+                // The staged map may hold part of this batch, which nothing journals: stop.
+                tracing::error!(error = %e, "a staged batch failed");
+                self.shared.failed.store(true, Ordering::SeqCst);
+                Err(unavailable(e))
+            }
+            Ok(()) if changed => {
+                staged.records.push(self.payload.clone());
+                self.shared.counters.staged.inc();
+                self.journal_batch(None, pending)
+            }
+            Ok(()) => self.after_durable(pending),
+        };
+        let failed = outcome.is_err();
+        self.answer_all(outcome, std::iter::empty(), None);
+        left.extend(rest);
+        if left.is_empty() {
+            None
+        } else if failed {
+            fail_all(left, &StoreError::Unavailable("the store stopped".into()))
+        } else {
+            self.apply(left)
+        }
+    }
+
+    /// The answers of a batch that changed nothing: sent now, or by the syncer once the
+    /// batches before it are durable.
+    fn after_durable(&self, pending: Vec<Pending>) -> Result<Vec<Pending>, StoreError> {
+        if self.shared.durable.load(Ordering::SeqCst) < self.number {
+            self.to_syncer(self.number, pending, None)
+        } else {
+            Ok(pending)
+        }
+    }
+
+    /// Commit without a sync (if the batch has a transaction: a staged one has none), journal
+    /// the batch, and make it durable here or hand its answers to the syncer. Returns what is
+    /// still to be answered here (nothing, unless it failed: then the error).
     fn journal_batch(
         &mut self,
-        mut txn: redb::WriteTransaction,
+        txn: Option<redb::WriteTransaction>,
         pending: Vec<Pending>,
     ) -> Result<Vec<Pending>, StoreError> {
         let number = self.number + 1;
@@ -1016,9 +1184,7 @@ impl Writer {
         self.shared.visible.store(number, Ordering::SeqCst);
         let committed = Instant::now();
         let written = txn
-            .set_durability(Durability::None)
-            .map_err(unavailable)
-            .and_then(|()| txn.commit().map_err(unavailable))
+            .map_or(Ok(()), commit_unsynced)
             .and_then(|()| self.journal.append(&self.payload).map_err(unavailable));
         if let Err(e) = written {
             // redb may hold a change the journal does not: acknowledge nothing from now on.
@@ -1055,9 +1221,119 @@ impl Writer {
                 number,
                 pending,
                 committed,
+                file: self.journal.file().clone(),
             })
             .map_err(|_| StoreError::Unavailable("the syncer thread is gone".into()))?;
         Ok(Vec::new())
+    }
+
+    /// Start a checkpoint beside the writer: redb's durable commit of everything so far (and
+    /// of the next generation) on a thread of its own, while the writer stages what comes.
+    fn begin_checkpoint(&mut self) -> Result<(), StoreError> {
+        // Every record of this generation on disk before the first of the next one: the
+        // syncer syncs the newest batch's file only.
+        if self.shared.durable.load(Ordering::SeqCst) < self.number {
+            sync_journal(self.journal.file(), self.number, &self.shared)?;
+            self.shared.counters.writer_syncs.inc();
+        }
+        let snapshot = self
+            .db
+            .begin_read()
+            .map_err(unavailable)
+            .and_then(|txn| txn.open_table(CAPTURES).map_err(unavailable))?;
+        let generation = self.generation + 1;
+        let db = self.db.clone();
+        let shared = self.shared.clone();
+        let wake = self.wake.clone();
+        let committing = std::thread::Builder::new()
+            .name("store-checkpoint".into())
+            .spawn(move || {
+                let started = Instant::now();
+                let committed = (|| -> Result<(), redb::Error> {
+                    let txn = db.begin_write()?;
+                    txn.open_table(META)?.insert(GENERATION, generation)?;
+                    txn.commit()?;
+                    Ok(())
+                })();
+                let landed = match committed {
+                    Ok(()) => {
+                        let c = &shared.counters;
+                        c.checkpoint_commit.observe(started.elapsed().as_secs_f64());
+                        Ok(())
+                    }
+                    Err(e) => {
+                        // As for a failed commit on the writer: nothing more is acknowledged.
+                        tracing::error!(error = %e, "a checkpoint failed");
+                        shared.failed.store(true, Ordering::SeqCst);
+                        Err(unavailable(e))
+                    }
+                };
+                // Never blocks: with the queue full the writer has work, and at its next batch
+                // it finds this thread finished. (Gone: the store is.)
+                if let Some(commands) = wake.upgrade() {
+                    let _ = commands.try_send(Command::Checkpointed);
+                }
+                landed
+            })
+            .map_err(unavailable)?;
+        self.journal.restart(generation);
+        // Odd: reads leave what redb does not hold yet to the writer.
+        self.shared.staging.fetch_add(1, Ordering::SeqCst);
+        self.last_checkpoint = Instant::now();
+        self.staged = Some(Staged {
+            committing,
+            generation,
+            upto: self.number,
+            snapshot,
+            changed: HashMap::new(),
+            records: Vec::new(),
+            deferred: Vec::new(),
+        });
+        Ok(())
+    }
+
+    /// Wait for a checkpoint beside the writer (it is over, or a shutdown waits for it) and
+    /// account for it: everything up to batch `upto` is durable in redb, at `generation`.
+    fn land(
+        &mut self,
+        committing: JoinHandle<Result<(), StoreError>>,
+        generation: u64,
+        upto: u64,
+    ) -> Result<(), StoreError> {
+        committing.join().map_err(|_| {
+            self.shared.failed.store(true, Ordering::SeqCst);
+            StoreError::Unavailable("the checkpoint thread panicked".into())
+        })??;
+        self.generation = generation;
+        self.checkpointed = upto;
+        self.shared.durable.fetch_max(upto, Ordering::SeqCst);
+        let c = &self.shared.counters;
+        c.commits.inc();
+        c.syncs.inc();
+        c.checkpoints.inc();
+        Ok(())
+    }
+
+    /// Apply the staged batches' records to redb, in order, in `txn`.
+    fn merge(&self, txn: &redb::WriteTransaction, records: &[Vec<u8>]) -> Result<(), StoreError> {
+        let merged = (|| -> Result<(), String> {
+            let mut captures = txn.open_table(CAPTURES).map_err(|e| e.to_string())?;
+            let mut expiry = txn.open_table(EXPIRY).map_err(|e| e.to_string())?;
+            for record in records {
+                replay(
+                    &mut captures,
+                    &mut expiry,
+                    record,
+                    self.options.takeover_window,
+                )?;
+            }
+            Ok(())
+        })();
+        merged.map_err(|why| {
+            tracing::error!(%why, "the staged batches cannot be applied to redb");
+            self.shared.failed.store(true, Ordering::SeqCst);
+            StoreError::Unavailable(why)
+        })
     }
 
     /// Commit the batch durably, with a new journal generation: everything before it is
@@ -1098,14 +1374,159 @@ impl Writer {
     }
 }
 
-/// The tables of one write transaction, the counters its operations add to, and the journal
-/// record its changes are written to.
+/// Where a batch's operations read and write, the counters they add to, and the journal
+/// record their changes are written to.
 struct Tables<'t> {
-    captures: Table<'t, &'static str, &'static [u8]>,
-    expiry: Table<'t, (u64, &'static str), ()>,
+    target: Target<'t>,
     counters: &'t Counters,
     journal: &'t mut Vec<u8>,
     takeover_window: Duration,
+}
+
+// One per batch, on the writer's stack: boxing the tables would only add an allocation.
+#[allow(clippy::large_enum_variant)]
+enum Target<'t> {
+    /// The batch's write transaction.
+    Redb {
+        captures: Table<'t, &'static str, &'static [u8]>,
+        expiry: Table<'t, (u64, &'static str), ()>,
+    },
+    /// Beside a checkpoint: redb as the checkpoint commits it, under what the batches staged
+    /// since changed (the expiry index is kept in step when they are applied to redb).
+    Staged {
+        snapshot: &'t ReadOnlyTable<&'static str, &'static [u8]>,
+        changed: &'t mut HashMap<String, Option<Vec<u8>>>,
+    },
+}
+
+impl Tables<'_> {
+    /// The raw entry of a key, expired or not (see [`read`]).
+    fn get(&self, key: &str) -> Result<Result<Option<Entry>, StoreError>, redb::Error> {
+        match &self.target {
+            Target::Redb { captures, .. } => read(captures, key),
+            Target::Staged { snapshot, changed } => match changed.get(key) {
+                Some(Some(bytes)) => Ok(decoded(key, codec::decode(bytes)).map(Some)),
+                Some(None) => Ok(Ok(None)),
+                None => read(*snapshot, key),
+            },
+        }
+    }
+}
+
+/// What [`execute`] did with a command.
+enum Executed {
+    /// Applied (its answer queued); whether it wrote anything.
+    Done { wrote: bool },
+    /// A purge while staged: to be applied after the checkpoint.
+    Deferred(Command),
+    /// A shutdown: the batch ends here.
+    Shutdown(Reply<()>),
+}
+
+/// What the commands of a batch did.
+#[derive(Default)]
+struct Batch {
+    /// Something was written.
+    changed: bool,
+    /// Purges held back (a staged batch).
+    deferred: Vec<Command>,
+    /// The batch ended at a shutdown (the commands after it are left in the iterator).
+    shutdown: Option<Reply<()>>,
+}
+
+/// Apply a batch's commands in order, up to a shutdown (their answers are queued in `pending`).
+fn execute_all(
+    tables: &mut Tables<'_>,
+    commands: &mut impl Iterator<Item = Command>,
+    pending: &mut Vec<Pending>,
+) -> Result<Batch, redb::Error> {
+    let now = now_ms();
+    let mut batch = Batch::default();
+    for command in commands {
+        match execute(tables, command, pending, now)? {
+            Executed::Done { wrote } => batch.changed |= wrote,
+            Executed::Deferred(command) => batch.deferred.push(command),
+            Executed::Shutdown(reply) => {
+                batch.shutdown = Some(reply);
+                break;
+            }
+        }
+    }
+    Ok(batch)
+}
+
+/// Apply one command of a batch (its answer is queued in `pending`).
+fn execute(
+    tables: &mut Tables<'_>,
+    command: Command,
+    pending: &mut Vec<Pending>,
+    now: UnixMillis,
+) -> Result<Executed, redb::Error> {
+    let wrote = match command {
+        Command::Allocate(request, token, reply) => {
+            operate(tables, &request.key, reply, pending, |current| {
+                super::allocate(current, &request, now, || token)
+            })?
+        }
+        Command::Record(request, reply) => {
+            operate(tables, &request.key, reply, pending, |current| {
+                super::record(current, &request, now)
+            })?
+        }
+        Command::Release(request, reply) => {
+            operate(tables, &request.key, reply, pending, |current| {
+                super::release(current, &request, now)
+            })?
+        }
+        Command::Batch(operations, reply) => {
+            let mut results = Vec::with_capacity(operations.len());
+            let mut wrote = false;
+            for op in operations {
+                let (result, changed) = match op {
+                    BatchOp::Record(request) => step(tables, &request.key, |current| {
+                        super::record(current, &request, now)
+                    })
+                    .map(|(r, w)| (r.map(BatchOutcome::Record), w))?,
+                    BatchOp::Release(request) => step(tables, &request.key, |current| {
+                        super::release(current, &request, now)
+                    })
+                    .map(|(r, w)| (r.map(BatchOutcome::Release), w))?,
+                };
+                wrote |= changed;
+                results.push(result);
+            }
+            pending.push(answer(reply, Ok(results)));
+            wrote
+        }
+        Command::Purge(limit, reply) => {
+            let window = tables.takeover_window;
+            let Target::Redb { captures, expiry } = &mut tables.target else {
+                return Ok(Executed::Deferred(Command::Purge(limit, reply)));
+            };
+            let (rows, purged) = purge(captures, expiry, tables.journal, window, now, limit)?;
+            tables.counters.purged.inc_by(purged as u64);
+            pending.push(answer(reply, Ok(rows)));
+            rows > 0
+        }
+        Command::Ping(reply) => {
+            // A read through the write path: the writer is alive and the table answers.
+            match &tables.target {
+                Target::Redb { captures, .. } => drop(captures.first()?),
+                Target::Staged { snapshot, .. } => drop(snapshot.first()?),
+            }
+            pending.push(answer(reply, Ok(())));
+            false
+        }
+        Command::Shutdown(reply) => return Ok(Executed::Shutdown(reply)),
+        Command::Checkpointed => false, // landed before the batch was applied
+    };
+    Ok(Executed::Done { wrote })
+}
+
+/// A commit that is not synced: visible to the next transaction, durable through the journal.
+fn commit_unsynced(mut txn: redb::WriteTransaction) -> Result<(), StoreError> {
+    txn.set_durability(Durability::None).map_err(unavailable)?;
+    txn.commit().map_err(unavailable)
 }
 
 /// One allocation, record or release, the same for the three: read the key's entry, run the
@@ -1133,7 +1554,7 @@ fn step<T>(
     state_machine: impl FnOnce(Option<&Entry>) -> (T, Change),
 ) -> Result<(Result<T, StoreError>, bool), redb::Error> {
     let mut changed = false;
-    let result = match read(&tables.captures, key)? {
+    let result = match tables.get(key)? {
         Ok(current) => {
             let (outcome, change) = state_machine(current.as_ref());
             changed = write(tables, key, current.as_ref(), change)?;
@@ -1168,14 +1589,19 @@ fn read(
     let Some(value) = captures.get(key)? else {
         return Ok(Ok(None));
     };
-    Ok(codec::decode(value.value()).map(Some).map_err(|error| {
+    Ok(decoded(key, codec::decode(value.value())).map(Some))
+}
+
+/// A stored entry decoded, or the error of one that cannot be (logged: the data is damaged).
+fn decoded(key: &str, entry: Result<Entry, StoreError>) -> Result<Entry, StoreError> {
+    entry.map_err(|error| {
         tracing::error!(
             key = %idempotency_spec::key_digest(key),
             %error,
             "an entry cannot be decoded"
         );
         error
-    }))
+    })
 }
 
 /// Apply a change, keeping the expiry index in step, and add it to the journal record.
@@ -1193,19 +1619,20 @@ fn write(
         Change::Put(entry) => {
             let bytes = codec::encode(&entry);
             let purge_at = entry.purge_at(window);
-            put(
-                &mut tables.captures,
-                &mut tables.expiry,
-                key,
-                old_expiry,
-                purge_at,
-                &bytes,
-            )?;
             journal_put(tables.journal, key, purge_at, &bytes);
+            match &mut tables.target {
+                Target::Redb { captures, expiry } => {
+                    put(captures, expiry, key, old_expiry, purge_at, &bytes)?
+                }
+                Target::Staged { changed, .. } => drop(changed.insert(key.to_owned(), Some(bytes))),
+            }
         }
         Change::Delete => {
-            delete(&mut tables.captures, &mut tables.expiry, key, old_expiry)?;
             journal_delete(tables.journal, key);
+            match &mut tables.target {
+                Target::Redb { captures, expiry } => delete(captures, expiry, key, old_expiry)?,
+                Target::Staged { changed, .. } => drop(changed.insert(key.to_owned(), None)),
+            }
         }
     }
     Ok(true)
@@ -1311,22 +1738,23 @@ fn replay(
 /// Returns how many index rows were consumed (`limit` means there may be more) and how many
 /// entries were deleted.
 fn purge(
-    tables: &mut Tables<'_>,
+    captures: &mut Table<&str, &[u8]>,
+    expiry: &mut Table<(u64, &str), ()>,
+    journal: &mut Vec<u8>,
+    window: Duration,
     now: UnixMillis,
     limit: usize,
 ) -> Result<(usize, usize), redb::Error> {
     // Every row due at or before `now` (an entry is free from its expiry on).
-    let due: Vec<(u64, String)> = tables
-        .expiry
+    let due: Vec<(u64, String)> = expiry
         .range::<(u64, &str)>(..(now.saturating_add(1), ""))?
         .take(limit)
         .map(|row| row.map(|(k, _)| (k.value().0, k.value().1.to_owned())))
         .collect::<Result<_, _>>()?;
-    let window = tables.takeover_window;
     let mut purged = 0;
     for (at, key) in &due {
-        tables.expiry.remove((*at, key.as_str()))?;
-        let entry = match tables.captures.get(key.as_str())? {
+        expiry.remove((*at, key.as_str()))?;
+        let entry = match captures.get(key.as_str())? {
             Some(value) => codec::decode(value.value()).ok(),
             None => None,
         };
@@ -1340,12 +1768,12 @@ fn purge(
         };
         let purge_at = entry.purge_at(window);
         if purge_at <= now && !entry.is_live(now) {
-            tables.captures.remove(key.as_str())?;
-            journal_delete(tables.journal, key);
+            captures.remove(key.as_str())?;
+            journal_delete(journal, key);
             purged += 1;
         } else {
             // An old row of a lease still in its takeover window: moved to its purge time.
-            tables.expiry.insert((purge_at, key.as_str()), ())?;
+            expiry.insert((purge_at, key.as_str()), ())?;
         }
     }
     Ok((due.len(), purged))
@@ -1376,24 +1804,17 @@ mod tests {
             .create_with_backend(redb::backends::InMemoryBackend::new())
             .unwrap();
         let txn = db.begin_write().unwrap();
-        let counters = Counters::default();
         let mut journal = Vec::new();
         let result = {
-            let mut tables = Tables {
-                captures: txn.open_table(CAPTURES).unwrap(),
-                expiry: txn.open_table(EXPIRY).unwrap(),
-                counters: &counters,
-                journal: &mut journal,
-                takeover_window: WINDOW,
-            };
+            let mut captures = txn.open_table(CAPTURES).unwrap();
+            let mut expiry = txn.open_table(EXPIRY).unwrap();
             for (key, entry, row) in entries {
                 let bytes = codec::encode(entry);
-                tables.captures.insert(*key, bytes.as_slice()).unwrap();
-                tables.expiry.insert((*row, *key), ()).unwrap();
+                captures.insert(*key, bytes.as_slice()).unwrap();
+                expiry.insert((*row, *key), ()).unwrap();
             }
-            let result = purge(&mut tables, now, 100).unwrap();
-            let rows = tables
-                .expiry
+            let result = purge(&mut captures, &mut expiry, &mut journal, WINDOW, now, 100).unwrap();
+            let rows = expiry
                 .iter()
                 .unwrap()
                 .map(|r| {
@@ -1401,8 +1822,7 @@ mod tests {
                     (k.value().0, k.value().1.to_owned())
                 })
                 .collect();
-            let keys = tables
-                .captures
+            let keys = captures
                 .iter()
                 .unwrap()
                 .map(|r| r.unwrap().0.value().to_owned())
