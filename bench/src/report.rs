@@ -251,7 +251,7 @@ impl Report<'_> {
             "## The embedded store alone\n\nIn-process, no HTTP: N tasks allocating fresh keys for a second, each durable before it returns; \
              the disk's raw sync rate (a 4 KiB write and one `fdatasync`, in a loop, in the same directory) measured in the same run: \
              **{:.0} syncs/s**, what one sync per operation could do at best. Two designs side by side: the journal (the store as it \
-             is) and a durable redb commit per batch (`checkpoint_bytes: 0`, how the store worked before).\n",
+             is) and a durable redb commit per batch (`checkpoint_bytes: 0` with the writer making each checkpoint itself, how the store worked before).\n",
             s.raw_syncs
         );
         let _ = writeln!(
