@@ -1081,7 +1081,9 @@ impl Writer {
             .and_then(|()| self.after_durable(pending)),
         };
         if landed {
-            // redb holds the staged batches now: reads may answer again.
+            // redb holds the staged batches now: reads may answer again. (If this batch began
+            // the next checkpoint, its own step made the counter even a moment ago, while
+            // redb held everything and nothing was staged yet; this makes it odd again.)
             self.shared.staging.fetch_add(1, Ordering::SeqCst);
         }
         self.answer_all(outcome, rest, shutdown)
