@@ -1059,18 +1059,7 @@ impl Writer {
                 Err(unavailable(e))
             }
             Ok(()) if checkpoint => self.checkpoint(txn, pending),
-            Ok(()) if changed => {
-                let journaled = self.journal_batch(Some(txn), pending);
-                if journaled.is_ok()
-                    && due
-                    && shutdown.is_none()
-                    && let Err(e) = self.begin_checkpoint()
-                {
-                    // The batch is durable all the same; the next one tries again.
-                    tracing::error!(error = %e, "cannot begin a checkpoint");
-                }
-                journaled
-            }
+            Ok(()) if changed => self.journal_batch(Some(txn), pending),
             // Nothing to make durable: no sync; the answers wait only for an earlier batch's.
             // (Staged records merged here are journaled already: a commit without a sync.)
             Ok(()) => if merged {
@@ -1081,34 +1070,21 @@ impl Writer {
             .and_then(|()| self.after_durable(pending)),
         };
         if landed {
-            // redb holds the staged batches now: reads may answer again. (If this batch began
-            // the next checkpoint, its own step made the counter even a moment ago, while
-            // redb held everything and nothing was staged yet; this makes it odd again.)
+            // redb holds the staged batches now: reads may answer again (even).
             self.shared.staging.fetch_add(1, Ordering::SeqCst);
         }
-        self.answer_all(outcome, rest, shutdown)
-    }
-
-    /// Send what `outcome` leaves to answer (its error to all of them if it failed), refuse
-    /// the commands left over (after a shutdown in the batch, or a failure), and return the
-    /// shutdown's reply with its outcome.
-    fn answer_all(
-        &mut self,
-        outcome: Result<Vec<Pending>, StoreError>,
-        rest: impl Iterator<Item = Command>,
-        shutdown: Option<Reply<()>>,
-    ) -> Option<(Reply<()>, Result<(), StoreError>)> {
-        let (error, pending) = match outcome {
-            Ok(pending) => (None, pending),
-            Err(e) => (Some(e), Vec::new()),
-        };
-        for done in pending {
-            done(error.as_ref());
+        // The next checkpoint begins once this one has landed (odd again from here).
+        if changed
+            && due
+            && !checkpoint
+            && shutdown.is_none()
+            && outcome.is_ok()
+            && let Err(e) = self.begin_checkpoint()
+        {
+            // The batch is durable all the same; the next one tries again.
+            tracing::error!(error = %e, "cannot begin a checkpoint");
         }
-        for command in rest {
-            command.fail(error.as_ref().map_or(StoreError::Closed, unavailable));
-        }
-        shutdown.map(|reply| (reply, error.map_or(Ok(()), Err)))
+        answer_all(outcome, rest, shutdown)
     }
 
     /// A batch that arrives while a checkpoint runs: applied over the checkpoint's snapshot
@@ -1151,15 +1127,18 @@ impl Writer {
             }
             Ok(()) => self.after_durable(pending),
         };
-        let failed = outcome.is_err();
-        self.answer_all(outcome, std::iter::empty(), None);
         left.extend(rest);
-        if left.is_empty() {
-            None
-        } else if failed {
-            fail_all(left, &StoreError::Unavailable("the store stopped".into()))
-        } else {
-            self.apply(left)
+        match outcome {
+            // What came after it is refused with the batch's own error.
+            Err(e) => fail_all(left, &e),
+            Ok(pending) => {
+                answer_all(Ok(pending), std::iter::empty(), None);
+                if left.is_empty() {
+                    None
+                } else {
+                    self.apply(left)
+                }
+            }
         }
     }
 
@@ -1568,6 +1547,28 @@ fn step<T>(
     Ok((result, changed))
 }
 
+/// Send what `outcome` leaves to answer (its error to all of them if it failed), refuse the
+/// commands left over (after a shutdown in the batch, or a failure), and return the
+/// shutdown's reply with its outcome.
+fn answer_all(
+    outcome: Result<Vec<Pending>, StoreError>,
+    rest: impl Iterator<Item = Command>,
+    shutdown: Option<Reply<()>>,
+) -> Option<(Reply<()>, Result<(), StoreError>)> {
+    let (error, pending) = match outcome {
+        Ok(pending) => (None, pending),
+        Err(e) => (Some(e), Vec::new()),
+    };
+    for done in pending {
+        done(error.as_ref());
+    }
+    for command in rest {
+        command.fail(error.as_ref().map_or(StoreError::Closed, unavailable));
+    }
+    shutdown.map(|reply| (reply, error.map_or(Ok(()), Err)))
+}
+
+/// Refuse every command of `batch` with `error`, and return a shutdown's reply among them.
 fn fail_all(
     batch: Vec<Command>,
     error: &StoreError,
