@@ -196,7 +196,7 @@ async fn in_flight_rss(
     module: &PathBuf,
     backend: SocketAddr,
     n: usize,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<(f64, f64)> {
     let api = Upstream::start().await;
     api.reply("/orders", Reply::new(201).body(vec![b'r'; 1024]));
     let h = host(mode, module, &api, backend, "auto").await?;
@@ -212,6 +212,7 @@ async fn in_flight_rss(
     h.advance(TICK).await;
     h.settle().await;
     let before = rss()?;
+    let wasm_before = h.wasm_memory().await.context("no Wasm instance")?;
     api.hold("/orders");
     let mut clients = tokio::task::JoinSet::new();
     for i in 0..n {
@@ -225,22 +226,30 @@ async fn in_flight_rss(
     }
     upstream_count(&api, n + 1).await?;
     let during = rss()?;
+    let wasm_during = h.wasm_memory().await.context("no Wasm instance")?;
     api.release("/orders");
     while let Some(done) = clients.join_next().await {
         done??;
     }
     h.advance(TICK).await;
     h.finish().await;
-    Ok(during.saturating_sub(before) as f64 / n as f64)
+    Ok((
+        during.saturating_sub(before) as f64 / n as f64,
+        wasm_during.saturating_sub(wasm_before) as f64 / n as f64,
+    ))
 }
 
 /// Requests held in flight for the memory figure.
 pub const IN_FLIGHT: usize = 512;
 
+/// Per request held in flight: the growth of the host process's RSS, and of the Wasm
+/// instance's linear memory (the filter's own: deterministic, in 64 KiB pages).
 pub struct Memory {
     pub mode: &'static str,
     pub filter: f64,
     pub noop: f64,
+    pub filter_wasm: f64,
+    pub noop_wasm: f64,
 }
 
 pub async fn memory(
@@ -253,14 +262,21 @@ pub async fn memory(
     // tokio's) grow once and are reused after, while each host's Wasm memory is new.
     in_flight_rss(mode, &wasm.filter, backend, IN_FLIGHT).await?;
     let (mut filter, mut noop) = (Vec::new(), Vec::new());
+    let (mut filter_wasm, mut noop_wasm) = (Vec::new(), Vec::new());
     for _ in 0..runs {
-        noop.push(in_flight_rss(mode, &wasm.noop, backend, IN_FLIGHT).await?);
-        filter.push(in_flight_rss(mode, &wasm.filter, backend, IN_FLIGHT).await?);
+        let (rss, wasm_memory) = in_flight_rss(mode, &wasm.noop, backend, IN_FLIGHT).await?;
+        noop.push(rss);
+        noop_wasm.push(wasm_memory);
+        let (rss, wasm_memory) = in_flight_rss(mode, &wasm.filter, backend, IN_FLIGHT).await?;
+        filter.push(rss);
+        filter_wasm.push(wasm_memory);
     }
     Ok(Memory {
         mode: mode.name(),
         filter: median(filter),
         noop: median(noop),
+        filter_wasm: median(filter_wasm),
+        noop_wasm: median(noop_wasm),
     })
 }
 

@@ -218,6 +218,7 @@ struct Exports {
     log: Option<TypedFunc<u32, ()>>,
     done: Option<TypedFunc<u32, u32>>,
     delete: Option<TypedFunc<u32, ()>>,
+    memory: Option<wasmtime::Memory>,
 }
 
 /// A filter action.
@@ -302,6 +303,7 @@ impl Vm {
             log: export!("proxy_on_log"),
             done: export!("proxy_on_done"),
             delete: export!("proxy_on_delete"),
+            memory: instance.get_memory(&mut store, "memory"),
         };
         let mut vm = Vm {
             store,
@@ -315,6 +317,12 @@ impl Vm {
         }
         vm.store.data().observed.lock().unwrap().instances += 1;
         Ok(vm)
+    }
+
+    /// The size of the instance's linear memory, in bytes (it only grows: the high-water
+    /// mark of what the module's allocator needed).
+    pub fn memory_bytes(&self) -> Option<usize> {
+        self.exports.memory.map(|m| m.data_size(&self.store))
     }
 
     /// Runs one call into the module as context `ctx` (None: the root) in `phase`,

@@ -335,6 +335,10 @@ pub enum Event {
     Trap {
         done: oneshot::Sender<()>,
     },
+    /// The size of the current instance's linear memory (`None`: no instance).
+    Memory {
+        done: oneshot::Sender<Option<usize>>,
+    },
     /// envoy: a new plugin configuration for the same VM.
     Reconfigure {
         config: Vec<u8>,
@@ -565,6 +569,15 @@ impl Host {
         let (done, wait) = oneshot::channel();
         self.poster.post(Event::Trap { done });
         let _ = wait.await;
+    }
+
+    /// The size of the current Wasm instance's linear memory, in bytes: it grows as the
+    /// filter's allocator needs more and never shrinks, so its growth while requests are held
+    /// is what they take in the filter itself (in 64 KiB pages). `None`: no instance now.
+    pub async fn wasm_memory(&self) -> Option<usize> {
+        let (done, wait) = oneshot::channel();
+        self.poster.post(Event::Memory { done });
+        wait.await.ok().flatten()
     }
 
     /// The virtual clock, nanoseconds since the Unix epoch.

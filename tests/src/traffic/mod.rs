@@ -293,6 +293,7 @@ impl Worker {
         match event {
             Event::ClientRequest { down, .. } => self.hung_clients.push(down),
             Event::Advance { done, .. } | Event::Trap { done } => drop(done.send(())),
+            Event::Memory { done } => drop(done.send(None)),
             Event::Reconfigure { done, .. } => {
                 drop(done.send(Err(anyhow::anyhow!("the worker hangs"))))
             }
@@ -398,6 +399,9 @@ impl Worker {
             }
             Event::Reconfigure { config, done } => {
                 let _ = done.send(self.reconfigure(config));
+            }
+            Event::Memory { done } => {
+                let _ = done.send(self.vm.as_ref().and_then(|vm| vm.memory_bytes()));
             }
             Event::Shutdown => {}
         }

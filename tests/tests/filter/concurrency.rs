@@ -129,7 +129,53 @@ async fn with_conflict_wait_all_thirty_two_get_the_same_response(mode: Mode) {
     t.finish().await;
 }
 
+/// What the bench reports as the filter's memory per request in flight: the growth of the
+/// instance's linear memory (whole 64 KiB pages) while distinct keyed requests are held in
+/// the upstream; Wasm memory never shrinks, so it stays grown after they end.
+async fn requests_held_in_flight_grow_the_instances_memory_which_stays_grown(mode: Mode) {
+    const HELD: usize = 256;
+    let t = E2e::start(mode, json!({})).await;
+    t.api.reply("/held", Reply::new(201).body(vec![b'r'; 1024]));
+    let first = t
+        .post("/held", Some("\"held-warm\""), "{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status, 201);
+    t.tick().await;
+    let before = t.host().wasm_memory().await.expect("an instance");
+    assert!(before > 0 && before % 65536 == 0, "whole pages: {before}");
+    t.api.hold("/held");
+    let handles: Vec<JoinHandle<ClientResponse>> = (0..HELD)
+        .map(|i| {
+            let r = t.post("/held", Some(&format!("\"held-{i}\"")), vec![b'q'; 1024]);
+            tokio::spawn(async move { r.send().await.unwrap() })
+        })
+        .collect();
+    eventually(
+        "every request in the upstream",
+        Duration::from_secs(20),
+        || t.api.count("/held") == HELD + 1,
+    )
+    .await;
+    let during = t.host().wasm_memory().await.expect("an instance");
+    // Each holds at least its context, key and fingerprint state: 256 of them take pages.
+    assert!(
+        during > before,
+        "{HELD} requests held: {before} → {during} bytes"
+    );
+    t.api.release("/held");
+    for h in handles {
+        assert_eq!(h.await.unwrap().status, 201);
+    }
+    t.tick().await;
+    let after = t.host().wasm_memory().await.expect("an instance");
+    assert!(after >= during, "never shrinks: {during} → {after} bytes");
+    t.finish().await;
+}
+
 both_modes!(
     thirty_two_concurrent_duplicates_execute_once_the_others_get_409,
     with_conflict_wait_all_thirty_two_get_the_same_response,
+    requests_held_in_flight_grow_the_instances_memory_which_stays_grown,
 );
