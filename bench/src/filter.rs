@@ -187,11 +187,10 @@ fn rss() -> anyhow::Result<u64> {
     crate::backend::rss(std::process::id())
 }
 
-/// Memory per request in flight (held in the upstream, after its allocation), in bytes:
-/// how much this process's RSS grows with `n` such requests through `module` (the host's own
-/// share, connections and tasks, is the same for the no-op filter and subtracted by the
-/// caller).
-async fn in_flight_rss(
+/// Memory per request in flight (held in the upstream, after its allocation), in bytes, with
+/// `n` such requests through `module`: how much this process's RSS grows (the host's
+/// connections and tasks included), and how much the Wasm instance's linear memory does.
+async fn in_flight_memory(
     mode: Mode,
     module: &PathBuf,
     backend: SocketAddr,
@@ -246,8 +245,8 @@ pub const IN_FLIGHT: usize = 512;
 /// instance's linear memory (the filter's own: deterministic, in 64 KiB pages).
 pub struct Memory {
     pub mode: &'static str,
-    pub filter: f64,
-    pub noop: f64,
+    pub filter_rss: f64,
+    pub noop_rss: f64,
     pub filter_wasm: f64,
     pub noop_wasm: f64,
 }
@@ -260,21 +259,21 @@ pub async fn memory(
 ) -> anyhow::Result<Memory> {
     // One round first that is not counted: the process's own pools (the allocator's arenas,
     // tokio's) grow once and are reused after, while each host's Wasm memory is new.
-    in_flight_rss(mode, &wasm.filter, backend, IN_FLIGHT).await?;
-    let (mut filter, mut noop) = (Vec::new(), Vec::new());
+    in_flight_memory(mode, &wasm.filter, backend, IN_FLIGHT).await?;
+    let (mut filter_rss, mut noop_rss) = (Vec::new(), Vec::new());
     let (mut filter_wasm, mut noop_wasm) = (Vec::new(), Vec::new());
     for _ in 0..runs {
-        let (rss, wasm_memory) = in_flight_rss(mode, &wasm.noop, backend, IN_FLIGHT).await?;
-        noop.push(rss);
+        let (rss, wasm_memory) = in_flight_memory(mode, &wasm.noop, backend, IN_FLIGHT).await?;
+        noop_rss.push(rss);
         noop_wasm.push(wasm_memory);
-        let (rss, wasm_memory) = in_flight_rss(mode, &wasm.filter, backend, IN_FLIGHT).await?;
-        filter.push(rss);
+        let (rss, wasm_memory) = in_flight_memory(mode, &wasm.filter, backend, IN_FLIGHT).await?;
+        filter_rss.push(rss);
         filter_wasm.push(wasm_memory);
     }
     Ok(Memory {
         mode: mode.name(),
-        filter: median(filter),
-        noop: median(noop),
+        filter_rss: median(filter_rss),
+        noop_rss: median(noop_rss),
         filter_wasm: median(filter_wasm),
         noop_wasm: median(noop_wasm),
     })

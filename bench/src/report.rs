@@ -337,7 +337,7 @@ impl Report<'_> {
             let _ = writeln!(
                 out,
                 "| {} | {:.0} B | {:.0} B | {:.0} B | {:.0} B |",
-                m.mode, m.filter_wasm, m.noop_wasm, m.filter, m.noop
+                m.mode, m.filter_wasm, m.noop_wasm, m.filter_rss, m.noop_rss
             );
         }
         let _ = writeln!(

@@ -1073,10 +1073,11 @@ impl Writer {
             // redb holds the staged batches now: reads may answer again (even).
             self.shared.staging.fetch_add(1, Ordering::SeqCst);
         }
-        // The next checkpoint begins once this one has landed (odd again from here).
+        // A checkpoint beside the writer begins once the last one has landed (odd again from
+        // here). (Without background checkpoints, `checkpoint` above made it in the batch.)
         if changed
             && due
-            && !checkpoint
+            && self.options.background_checkpoints
             && shutdown.is_none()
             && outcome.is_ok()
             && let Err(e) = self.begin_checkpoint()

@@ -85,17 +85,19 @@ async fn two_tenants_with_the_same_keys_never_see_each_others_responses(mode: Mo
     }
     for tenant in 0..2 {
         for i in 0..KEYS {
-            // What this tenant was answered for the key, should the count be wrong.
-            let got: Vec<String> = answers
-                .iter()
-                .filter(|(t, k, _)| (*t, *k) == (tenant, i))
-                .map(|(_, _, r)| format!("{} {}", r.status, r.text()))
-                .collect();
-            assert_eq!(
-                executed.get(&(tenant, i)).map_or(0, Vec::len),
-                1,
-                "tenant {tenant}, key {i}: executed once; its answers: {got:?}"
-            );
+            let count = executed.get(&(tenant, i)).map_or(0, Vec::len);
+            if count != 1 {
+                // What this tenant was answered for the key.
+                let got: Vec<String> = answers
+                    .iter()
+                    .filter(|(t, k, _)| (*t, *k) == (tenant, i))
+                    .map(|(_, _, r)| format!("{} {}", r.status, r.text()))
+                    .collect();
+                assert_eq!(
+                    count, 1,
+                    "tenant {tenant}, key {i}: executed once; its answers: {got:?}"
+                );
+            }
         }
     }
     // Then each tenant retries every key: its own response, replayed.
