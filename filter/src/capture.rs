@@ -2,9 +2,7 @@
 //! `max_capture_bytes`), deciding at its end whether to record or release, and building the
 //! record body. Nothing here changes what the client receives.
 
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD;
-
+use crate::b64::STANDARD;
 use crate::config::StatusSet;
 use crate::json;
 
@@ -202,7 +200,7 @@ impl CaptureBuf {
     /// in their order): the body base64 (standard alphabet, written in place: nothing in it
     /// needs escaping), every header as its own entry (two `Set-Cookie` stay two).
     pub fn record_body(self, idempotency_key: &str, lease_token: &str) -> Vec<u8> {
-        let b64 = base64::encoded_len(self.body.len(), true).unwrap_or(0);
+        let b64 = STANDARD.encoded_len(self.body.len());
         let headers: usize = self
             .headers
             .iter()
@@ -224,13 +222,7 @@ impl CaptureBuf {
         out.push(b',');
         json::key(&mut out, "response_body");
         out.push(b'"');
-        let at = out.len();
-        out.resize(at + b64, 0);
-        let written = out
-            .get_mut(at..)
-            .and_then(|tail| STANDARD.encode_slice(&self.body, tail).ok())
-            .unwrap_or(0);
-        out.truncate(at + written);
+        STANDARD.encode_into(&self.body, &mut out);
         out.extend_from_slice(b"\",");
         json::key(&mut out, "response_headers");
         out.push(b'[');
@@ -351,6 +343,8 @@ pub fn at_end(capture: Option<&CaptureBuf>, complete: bool, store: &StatusSet) -
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD;
     // On wasm32-unknown-unknown the tests run under wasm-bindgen-test (Cargo.toml).
     #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
     use wasm_bindgen_test::wasm_bindgen_test as test;

@@ -32,6 +32,12 @@ impl fmt::Display for ConfigError {
     }
 }
 
+/// `s` quoted for an error message, as JSON writes a string (not `{:?}`, whose escaping
+/// machinery would add about 3 KiB to the module for a few error lines).
+pub fn quoted(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_default()
+}
+
 fn err(field: &str, problem: impl Into<String>) -> ConfigError {
     ConfigError {
         field: field.to_string(),
@@ -145,6 +151,36 @@ pub struct Server {
     pub token: Option<String>,
     /// `Bearer {token}`: the `authorization` of every call, built once.
     pub authorization: Option<String>,
+    /// Whether ngx_wasm_module takes the calls to this server as they are
+    /// ([`crate::host::ngx_dispatchable`] of both paths), decided once.
+    pub ngx_dispatchable: bool,
+}
+
+impl Server {
+    pub fn new(
+        upstream: String,
+        authority: String,
+        path_prefix: String,
+        timeout_ms: u64,
+        token: Option<String>,
+    ) -> Server {
+        let mut server = Server {
+            upstream,
+            authority,
+            captures_path: format!("{path_prefix}/captures"),
+            batch_path: format!("{path_prefix}/captures/batch"),
+            path_prefix,
+            timeout_ms,
+            authorization: token.as_ref().map(|t| format!("Bearer {t}")),
+            token,
+            ngx_dispatchable: false,
+        };
+        // Every call is a PUT, POST or DELETE of one of the two paths.
+        server.ngx_dispatchable =
+            crate::host::ngx_dispatchable(&server, "POST", &server.captures_path)
+                && crate::host::ngx_dispatchable(&server, "POST", &server.batch_path);
+        server
+    }
 }
 
 /// What makes up a key's scope.
@@ -309,7 +345,7 @@ impl<'a> Obj<'a> {
         } else {
             Err(err(
                 &self.name(field),
-                format!("expected one of {}, got {:?}", values.join(", "), s),
+                format!("expected one of {}, got {}", values.join(", "), quoted(&s)),
             ))
         }
     }
@@ -343,7 +379,7 @@ impl<'a> Obj<'a> {
                 .ok_or_else(|| err(&iname, format!("expected a string, got {}", kind(v))))?;
             item(s).map_err(|p| err(&iname, p))?;
             if out.iter().any(|o| o == s) {
-                return Err(err(&iname, format!("duplicate item {s:?}")));
+                return Err(err(&iname, format!("duplicate item {}", quoted(s))));
             }
             out.push(s.to_string());
         }
@@ -390,7 +426,8 @@ fn token_item(s: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "{s:?} is not an HTTP token (RFC 9110), at most 256 characters"
+            "{} is not an HTTP token (RFC 9110), at most 256 characters",
+            quoted(s)
         ))
     }
 }
@@ -489,7 +526,8 @@ impl Config {
             return Err(err(
                 "server.path_prefix",
                 format!(
-                    "{path_prefix:?} must be empty or /segment… without a trailing slash, query or fragment"
+                    "{} must be empty or /segment… without a trailing slash, query or fragment",
+                    quoted(&path_prefix)
                 ),
             ));
         }
@@ -531,13 +569,15 @@ impl Config {
         let store_items = top.strings("store_status", DEFAULT_STORE_STATUS, 64, |s| {
             let bad = || {
                 format!(
-                    "{s:?} is not a status (201), a range (200-299) or a class (2xx) within 100-599"
+                    "{} is not a status (201), a range (200-299) or a class (2xx) within 100-599",
+                    quoted(s)
                 )
             };
             let (lo, hi) = StatusSet::parse_item(s).ok_or_else(bad)?;
             if lo > hi {
                 return Err(format!(
-                    "{s:?}: the range is empty (its first status exceeds its second)"
+                    "{}: the range is empty (its first status exceeds its second)",
+                    quoted(s)
                 ));
             }
             Ok(())
@@ -565,7 +605,8 @@ impl Config {
             return Err(err(
                 "replay_header",
                 format!(
-                    "{replay_header:?} is a hop-by-hop header or Content-Length, which a replay cannot carry"
+                    "{} is a hop-by-hop header or Content-Length, which a replay cannot carry",
+                    quoted(&replay_header)
                 ),
             ));
         }
@@ -623,16 +664,13 @@ impl Config {
         };
 
         Ok(Config {
-            server: Rc::new(Server {
+            server: Rc::new(Server::new(
                 upstream,
                 authority,
-                captures_path: format!("{path_prefix}/captures"),
-                batch_path: format!("{path_prefix}/captures/batch"),
                 path_prefix,
                 timeout_ms,
-                authorization: token.as_ref().map(|t| format!("Bearer {t}")),
                 token,
-            }),
+            )),
             header,
             methods,
             require_key,

@@ -66,16 +66,21 @@ impl Fingerprint {
     pub fn finish(mut self) -> String {
         self.hasher.update(self.body_len.to_be_bytes());
         let digest: [u8; 32] = self.hasher.finalize().into();
-        const HEX: &[u8; 16] = b"0123456789abcdef";
-        let mut out = String::with_capacity(72);
-        out.push_str("sha-256:");
-        for b in digest {
-            for n in [b >> 4, b & 0xf] {
-                out.push(char::from(HEX.get(usize::from(n)).copied().unwrap_or(b'0')));
-            }
+        let mut out = *b"sha-256:0000000000000000000000000000000000000000000000000000000000000000";
+        for (pair, b) in out[8..].chunks_exact_mut(2).zip(digest) {
+            pair.copy_from_slice(&hex_pair(b));
         }
-        out
+        // Only ASCII was written: the check cannot fail (and costs less than pushing the 64
+        // digits one `char` at a time).
+        String::from_utf8(out.to_vec()).unwrap_or_default()
     }
+}
+
+/// A byte as two lower-case hex digits.
+fn hex_pair(b: u8) -> [u8; 2] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let digit = |n: u8| HEX.get(usize::from(n)).copied().unwrap_or(b'0');
+    [digit(b >> 4), digit(b & 0xf)]
 }
 
 #[cfg(test)]

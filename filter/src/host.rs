@@ -169,6 +169,7 @@ mod tests {
             token: None,
             authorization: None,
             timeout_ms: 1,
+            ngx_dispatchable: false,
         };
         for good in [
             "127.0.0.1:9000",
@@ -202,6 +203,14 @@ mod tests {
         assert!(!ngx_dispatchable(&server("b:1", ""), "POST", "/captures"));
         assert!(!ngx_dispatchable(&server("b:1", "b"), "", "/captures"));
         assert!(!ngx_dispatchable(&server("b:1", "b"), "POST", ""));
+        // Decided once, for the configuration's two paths.
+        let made = |upstream: &str, authority: &str| {
+            crate::config::Server::new(upstream.into(), authority.into(), "/api".into(), 1, None)
+                .ngx_dispatchable
+        };
+        assert!(made("127.0.0.1:9000", "backend"));
+        assert!(!made("http://127.0.0.1:9000", "backend"));
+        assert!(!made("127.0.0.1:9000", ""));
     }
 
     #[test]

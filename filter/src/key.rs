@@ -6,8 +6,7 @@
 //! `base64url-nopad(scope digest ‖ key)`: 32 bytes of scope and at most 255 of key make at most
 //! 383 characters, well within the backend's 1400.
 
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use crate::b64::URL_SAFE_NO_PAD;
 
 /// The longest key a client may send (characters, after unquoting).
 pub const MAX_KEY_LEN: usize = 255;
@@ -108,13 +107,15 @@ pub fn backend_key(scope_digest: &[u8; 32], key: &str) -> String {
             rest.copy_from_slice(key.as_bytes());
             URL_SAFE_NO_PAD.encode(raw)
         }
-        None => URL_SAFE_NO_PAD.encode([&scope_digest[..], key.as_bytes()].concat()),
+        None => URL_SAFE_NO_PAD.encode(&[&scope_digest[..], key.as_bytes()].concat()),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::Engine as _;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
     // On wasm32-unknown-unknown the tests run under wasm-bindgen-test (Cargo.toml).
     #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
     use wasm_bindgen_test::wasm_bindgen_test as test;

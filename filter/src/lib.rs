@@ -23,6 +23,8 @@
 //! - [`pairs`]: header maps as bytes, decoded without the SDK's `unwrap`s.
 //! - [`json`]: the backend calls' few JSON shapes, written and read by hand (serde_json for
 //!   the configuration only).
+//! - [`allocator`]: the module's allocator, size classes in front of the system's.
+//! - [`b64`]: base64, standard and URL-safe, as strict as the `base64` crate.
 //!
 //! The proxy-wasm layer, thin: [`root`] (configuration, tick, the queue's calls), [`filter`]
 //! (the HTTP context), [`shared`] (module memory shared by both: queue, metric ids, host).
@@ -63,6 +65,8 @@
     )
 )]
 
+pub mod allocator;
+pub mod b64;
 pub mod capture;
 pub mod config;
 pub mod decision;
@@ -79,6 +83,11 @@ pub mod replay;
 pub mod root;
 pub mod scope;
 pub mod shared;
+
+/// Size classes in front of the system allocator ([`allocator`] says why).
+#[cfg(all(target_family = "wasm", not(target_feature = "atomics")))]
+#[global_allocator]
+static ALLOCATOR: allocator::SizeClasses = allocator::SizeClasses::new();
 
 #[cfg(target_arch = "wasm32")]
 proxy_wasm::main! {{

@@ -391,16 +391,13 @@ mod tests {
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
     fn target(upstream: &str) -> Rc<Server> {
-        Rc::new(Server {
-            upstream: upstream.into(),
-            authority: upstream.into(),
-            path_prefix: "/api/v2".into(),
-            captures_path: "/api/v2/captures".into(),
-            batch_path: "/api/v2/captures/batch".into(),
-            token: None,
-            authorization: None,
-            timeout_ms: 100,
-        })
+        Rc::new(Server::new(
+            upstream.into(),
+            upstream.into(),
+            "/api/v2".into(),
+            100,
+            None,
+        ))
     }
 
     fn limits(max_entries: usize, max_bytes: usize) -> QueueConfig {

@@ -18,8 +18,7 @@
 //!
 //! The rules are the same on both hosts: compare, and change only what differs.
 
-use base64::Engine;
-use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use crate::b64::{STANDARD, URL_SAFE_NO_PAD};
 use idempotency_spec::Capture;
 
 use crate::capture::{connection_tokens, is_credential, is_hop_by_hop};
@@ -95,9 +94,8 @@ pub fn from_capture(
 /// when that is all it can be.
 fn decode_body(s: &str) -> Option<Vec<u8>> {
     STANDARD
-        .decode(s)
-        .ok()
-        .or_else(|| URL_SAFE_NO_PAD.decode(s).ok())
+        .decode(s.as_bytes())
+        .or_else(|| URL_SAFE_NO_PAD.decode(s.as_bytes()))
 }
 
 /// One change to the headers the host is about to send.
@@ -189,6 +187,8 @@ pub fn body_fixup(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::Engine as _;
+    use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
     // On wasm32-unknown-unknown the tests run under wasm-bindgen-test (Cargo.toml).
     use idempotency_spec::{Header, HeaderValue};
     #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]

@@ -128,14 +128,12 @@ pub fn call_backend(
     timeout_ms: u64,
     context: &CallContext,
 ) -> Result<u32, Status> {
-    if HOST.with(Cell::get) == Some(Host::Ngx)
-        && !crate::host::ngx_dispatchable(server, method, path)
-    {
+    if HOST.with(Cell::get) == Some(Host::Ngx) && !server.ngx_dispatchable {
         log(
             LogLevel::Error,
             &format!(
-                "not calling the backend: server.upstream {:?} is not host:port, as Kong needs",
-                server.upstream
+                "not calling the backend: server.upstream {} is not host:port, as Kong needs",
+                crate::config::quoted(&server.upstream)
             ),
         );
         return Err(Status::BadArgument);

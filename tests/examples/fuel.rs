@@ -15,6 +15,11 @@
 //!   sent from the root context's tick, whose cost is added);
 //! - replay: the retry, answered from the stored capture (fix-ups included);
 //! - conflict: a duplicate while the first is in flight (409).
+//!
+//! With `IDEMPOTENCY_HOST_PROFILE=<n>` it then sends `n` first requests (1 KiB bodies, or
+//! `IDEMPOTENCY_PROFILE_BODY` bytes) per mode and prints where their instructions went, by guest function
+//! (`idempotency_tests::profile`; build the module with `CARGO_PROFILE_WASM_STRIP=false` for
+//! the names).
 
 #[path = "../tests/filter/support.rs"]
 #[allow(unused_macros, unused_imports)]
@@ -126,8 +131,53 @@ async fn measure(mode: Mode, size: usize) -> [u64; 4] {
     [no_key, first, replay, conflict]
 }
 
+/// `n` first requests (allocate, copy, record; Kong: the tick's record), sampled.
+async fn profile(mode: Mode, n: usize) {
+    let t = E2e::setup(mode)
+        .config(json!({"max_request_body_bytes": 1 << 20}))
+        .host(|b| b.client_body_buffer_size(1 << 20))
+        .start()
+        .await;
+    let size = std::env::var("IDEMPOTENCY_PROFILE_BODY")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1024);
+    let body: Vec<u8> = (0..size).map(|i| b'a' + (i % 26) as u8).collect();
+    t.api.reply(
+        "/orders",
+        Reply::new(201)
+            .header("content-type", "application/octet-stream")
+            .body(body.clone()),
+    );
+    let r = t.post("/orders", None, body.clone()).send().await.unwrap();
+    assert_eq!(r.status, 201);
+    idempotency_tests::profile::reset();
+    for i in 0..n {
+        let r = t
+            .send("/orders", &format!("\"profile-{i}\""), body.clone())
+            .await;
+        assert_eq!(r.status, 201);
+        t.host().settle().await;
+        t.tick().await;
+    }
+    println!(
+        "\n{mode}: {n} first requests\n{}",
+        idempotency_tests::profile::report(60)
+    );
+    t.finish().await;
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
+    if let Some(n) = std::env::var("IDEMPOTENCY_HOST_PROFILE")
+        .ok()
+        .and_then(|n| n.parse().ok())
+    {
+        for mode in [Mode::Ngx, Mode::Envoy] {
+            profile(mode, n).await;
+        }
+        return;
+    }
     println!("Wasm instructions (fuel) per request, idempotency.wasm (--profile wasm)");
     println!(
         "{:<6} {:>6} {:>8} {:>14} {:>14} {:>12} {:>12}",

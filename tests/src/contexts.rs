@@ -282,6 +282,9 @@ impl Vm {
     ) -> Result<Vm> {
         let mut store = Store::new(engine, world);
         store.set_fuel(u64::MAX).map_err(|e| anyhow!("{e:#}"))?;
+        if crate::profile::enabled() {
+            crate::profile::attach(&mut store);
+        }
         let instance: Instance = linker
             .instantiate(&mut store, module)
             .map_err(|e| anyhow!("instantiating the module: {e:#}"))?;
@@ -339,7 +342,13 @@ impl Vm {
             world.phase = phase;
         }
         let before = self.store.get_fuel().unwrap_or(0);
+        if crate::profile::enabled() {
+            crate::profile::enter(phase.name(), before);
+        }
         let result = call(&mut self.store);
+        if crate::profile::enabled() {
+            crate::profile::leave(self.store.get_fuel().unwrap_or(0));
+        }
         let used = before.saturating_sub(self.store.get_fuel().unwrap_or(0));
         let _ = self.store.set_fuel(u64::MAX);
         {

@@ -713,6 +713,10 @@ fn engine() -> Result<Engine> {
     if std::env::var_os("IDEMPOTENCY_HOST_PERFMAP").is_some() {
         config.profiler(wasmtime::ProfilingStrategy::PerfMap);
     }
+    // Another: a sampling profile of the guest's functions (`crate::profile`).
+    if crate::profile::enabled() {
+        config.epoch_interruption(true);
+    }
     let engine = Engine::new(&config).map_err(|e| anyhow::anyhow!("{e:#}"))?;
     Ok(ENGINE.get_or_init(|| engine).clone())
 }

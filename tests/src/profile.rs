@@ -1,0 +1,144 @@
+//! A profile of the guest: which of the module's functions its instructions (fuel) are spent
+//! in. A profiling aid, off unless `IDEMPOTENCY_HOST_PROFILE` is set (the fuel example then
+//! prints it); a module built with `CARGO_PROFILE_WASM_STRIP=false` keeps the names.
+//!
+//! wasmtime checks an *epoch* deadline at every function entry and loop header; with the
+//! deadline at the current epoch every check calls back, and the callback reads the store's
+//! fuel and the guest's stack ([`WasmBacktrace`]). The fuel burnt since the previous check is
+//! counted for the function that was on top then (self) and for every function on its stack
+//! (total). Counts, not samples: the same module and requests give the same profile. Fuel is
+//! flushed to the store at calls and returns, so the work a function does after a callee
+//! returns is counted with that callee: a small blur, at the edges of calls.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt::Write as _;
+use std::sync::Mutex;
+
+use wasmtime::{AsContext, Store, UpdateDeadline, WasmBacktrace};
+
+use crate::contexts::World;
+
+#[derive(Default)]
+struct Profile {
+    total: u64,
+    /// Per function: (fuel with it on top of the stack, fuel with it anywhere on the stack).
+    by_function: HashMap<String, (u64, u64)>,
+    /// Per (function, its caller): fuel with that function on top of the stack.
+    by_caller: HashMap<(String, String), u64>,
+    /// The fuel left and the stack at the last check.
+    last_fuel: u64,
+    last_stack: Vec<String>,
+}
+
+impl Profile {
+    fn charge(&mut self, fuel_now: u64) {
+        let burnt = self.last_fuel.saturating_sub(fuel_now);
+        self.last_fuel = fuel_now;
+        if burnt == 0 {
+            return;
+        }
+        self.total += burnt;
+        if let Some(top) = self.last_stack.first() {
+            let caller = self.last_stack.get(1).cloned().unwrap_or_default();
+            *self.by_caller.entry((top.clone(), caller)).or_default() += burnt;
+        }
+        let mut seen = HashSet::new();
+        for (i, name) in self.last_stack.iter().enumerate() {
+            let first = seen.insert(name);
+            let entry = self.by_function.entry(name.clone()).or_default();
+            if i == 0 {
+                entry.0 += burnt;
+            }
+            if first {
+                entry.1 += burnt;
+            }
+        }
+    }
+}
+
+static PROFILE: Mutex<Option<Profile>> = Mutex::new(None);
+
+/// Whether the profile is on (`IDEMPOTENCY_HOST_PROFILE` set).
+pub fn enabled() -> bool {
+    std::env::var_os("IDEMPOTENCY_HOST_PROFILE").is_some()
+}
+
+/// Makes `store` call back at every epoch check.
+pub fn attach(store: &mut Store<World>) {
+    PROFILE.lock().unwrap().get_or_insert_with(Profile::default);
+    store.set_epoch_deadline(0);
+    store.epoch_deadline_callback(|ctx| {
+        let fuel = ctx.get_fuel().unwrap_or(0);
+        let stack = stack(&ctx);
+        if let Some(p) = PROFILE.lock().unwrap().as_mut() {
+            p.charge(fuel);
+            p.last_stack = stack;
+        }
+        Ok(UpdateDeadline::Continue(0))
+    });
+}
+
+fn stack(store: impl AsContext) -> Vec<String> {
+    WasmBacktrace::capture(store)
+        .frames()
+        .iter()
+        .map(|f| {
+            f.func_name()
+                .map(demangle)
+                .unwrap_or_else(|| format!("<function {}>", f.func_index()))
+        })
+        .collect()
+}
+
+/// Before a call into the guest, with the fuel the store holds.
+pub fn enter(export: &str, fuel: u64) {
+    if let Some(p) = PROFILE.lock().unwrap().as_mut() {
+        p.last_fuel = fuel;
+        p.last_stack = vec![export.to_string()];
+    }
+}
+
+/// After a call into the guest: what it burnt after its last check.
+pub fn leave(fuel: u64) {
+    if let Some(p) = PROFILE.lock().unwrap().as_mut() {
+        p.charge(fuel);
+    }
+}
+
+/// Forgets what was counted so far.
+pub fn reset() {
+    if let Some(p) = PROFILE.lock().unwrap().as_mut() {
+        *p = Profile::default();
+    }
+}
+
+/// The `top` functions by their fuel on top of the stack, then by their fuel anywhere on it.
+pub fn report(top: usize) -> String {
+    let guard = PROFILE.lock().unwrap();
+    let Some(p) = guard.as_ref() else {
+        return "no profile (IDEMPOTENCY_HOST_PROFILE is not set)\n".into();
+    };
+    let mut rows: Vec<_> = p.by_function.iter().collect();
+    let mut out = format!("{} fuel in all\n    self   total  function\n", p.total);
+    rows.sort_by(|a, b| b.1.0.cmp(&a.1.0).then(b.1.1.cmp(&a.1.1)));
+    for (name, (own, all)) in rows.iter().take(top) {
+        let _ = writeln!(out, "{own:>8} {all:>8}  {name}");
+    }
+    out.push_str("\nby total:\n");
+    rows.sort_by_key(|r| std::cmp::Reverse(r.1.1));
+    for (name, (own, all)) in rows.iter().take(top) {
+        let _ = writeln!(out, "{own:>8} {all:>8}  {name}");
+    }
+    out.push_str("\nself, by caller:\n");
+    let mut pairs: Vec<_> = p.by_caller.iter().collect();
+    pairs.sort_by(|a, b| b.1.cmp(a.1));
+    for ((name, caller), own) in pairs.iter().take(top) {
+        let _ = writeln!(out, "{own:>8}  {name}  <-  {caller}");
+    }
+    out
+}
+
+/// A symbol demangled, without its hash.
+fn demangle(name: &str) -> String {
+    format!("{:#}", rustc_demangle::demangle(name))
+}
