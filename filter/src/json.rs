@@ -186,7 +186,10 @@ impl<'a> Json<'a> {
 
 /// The document `bytes` (`None` when it is not JSON, as `serde_json::from_slice` would say).
 pub fn parse(bytes: &[u8]) -> Option<Json<'_>> {
-    let mut p = Parser::new(bytes, false);
+    // UTF-8 is checked once, for the whole document (outside its strings only ASCII can be
+    // JSON), instead of once per string: a string is then a slice of it.
+    let text = std::str::from_utf8(bytes).ok()?;
+    let mut p = Parser::new(text, false);
     let v = p.document();
     if !p.unsure {
         return v;
@@ -194,7 +197,7 @@ pub fn parse(bytes: &[u8]) -> Option<Json<'_>> {
     // A number only serde_json can judge (an `f64` out of range is an error there): it says
     // whether the document is JSON; such a number is never a `u64`.
     serde_json::from_slice::<Value>(bytes).ok()?;
-    Parser::new(bytes, true).document()
+    Parser::new(text, true).document()
 }
 
 /// serde_json's recursion limit: 127 nested arrays or objects are read, 128 are an error.
@@ -203,6 +206,8 @@ const MAX_DEPTH: usize = 127;
 const MAX_DIGITS: usize = 300;
 
 struct Parser<'a> {
+    /// The document, valid UTF-8, and its bytes.
+    s: &'a str,
     b: &'a [u8],
     i: usize,
     /// A number serde_json must judge was met (fraction, exponent, very long).
@@ -212,9 +217,10 @@ struct Parser<'a> {
 }
 
 impl<'a> Parser<'a> {
-    fn new(b: &'a [u8], lenient: bool) -> Parser<'a> {
+    fn new(s: &'a str, lenient: bool) -> Parser<'a> {
         Parser {
-            b,
+            s,
+            b: s.as_bytes(),
             i: 0,
             unsure: false,
             lenient,
@@ -357,27 +363,25 @@ impl<'a> Parser<'a> {
         Some(Json::Number(if negative { None } else { value }))
     }
 
-    /// The rest of a string, after its opening quote.
+    /// The rest of a string, after its opening quote. Its pieces are slices of the document
+    /// between ASCII bytes (quotes, backslashes, escapes): whole characters.
     fn string(&mut self) -> Option<Cow<'a, str>> {
         let start = self.i;
         self.skip_plain();
         // Most strings have no escape: borrowed.
         match self.next()? {
-            b'"' => {
-                let raw = self.b.get(start..self.i - 1)?;
-                return std::str::from_utf8(raw).ok().map(Cow::Borrowed);
-            }
+            b'"' => return self.s.get(start..self.i - 1).map(Cow::Borrowed),
             b'\\' => {}
             _ => return None,
         }
-        let mut out: Vec<u8> = self.b.get(start..self.i - 1)?.to_vec();
+        let mut out = String::from(self.s.get(start..self.i - 1)?);
         self.escape(&mut out)?;
         loop {
             let from = self.i;
             self.skip_plain();
-            out.extend_from_slice(self.b.get(from..self.i)?);
+            out.push_str(self.s.get(from..self.i)?);
             match self.next()? {
-                b'"' => return String::from_utf8(out).ok().map(Cow::Owned),
+                b'"' => return Some(Cow::Owned(out)),
                 b'\\' => self.escape(&mut out)?,
                 _ => return None,
             }
@@ -399,18 +403,17 @@ impl<'a> Parser<'a> {
         }
     }
 
-    /// One escape, after its backslash. Escapes only ever add whole UTF-8 characters, so
-    /// checking the whole string's UTF-8 at its end checks the raw bytes between them.
-    fn escape(&mut self, out: &mut Vec<u8>) -> Option<()> {
-        let b = match self.next()? {
-            b'"' => b'"',
-            b'\\' => b'\\',
-            b'/' => b'/',
-            b'b' => 0x08,
-            b'f' => 0x0c,
-            b'n' => b'\n',
-            b'r' => b'\r',
-            b't' => b'\t',
+    /// One escape, after its backslash: one character.
+    fn escape(&mut self, out: &mut String) -> Option<()> {
+        let c = match self.next()? {
+            b'"' => '"',
+            b'\\' => '\\',
+            b'/' => '/',
+            b'b' => '\u{8}',
+            b'f' => '\u{c}',
+            b'n' => '\n',
+            b'r' => '\r',
+            b't' => '\t',
             b'u' => {
                 let n = self.hex4()?;
                 let c = match n {
@@ -429,13 +432,12 @@ impl<'a> Parser<'a> {
                     }
                     _ => char::from_u32(n)?,
                 };
-                let mut buf = [0u8; 4];
-                out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+                out.push(c);
                 return Some(());
             }
             _ => return None,
         };
-        out.push(b);
+        out.push(c);
         Some(())
     }
 

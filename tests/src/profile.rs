@@ -14,7 +14,7 @@ use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 use std::sync::Mutex;
 
-use wasmtime::{AsContext, Store, UpdateDeadline, WasmBacktrace};
+use wasmtime::{Store, UpdateDeadline, WasmBacktrace};
 
 use crate::contexts::World;
 
@@ -25,6 +25,9 @@ struct Profile {
     by_function: HashMap<String, (u64, u64)>,
     /// Per (function, its caller): fuel with that function on top of the stack.
     by_caller: HashMap<(String, String), u64>,
+    /// Per function, how many checks it had at each offset in its body: those at the smallest
+    /// are its entries (a call), the others loop headers.
+    checks: HashMap<String, std::collections::BTreeMap<usize, u64>>,
     /// The fuel left and the stack at the last check.
     last_fuel: u64,
     last_stack: Vec<String>,
@@ -69,25 +72,29 @@ pub fn attach(store: &mut Store<World>) {
     store.set_epoch_deadline(0);
     store.epoch_deadline_callback(|ctx| {
         let fuel = ctx.get_fuel().unwrap_or(0);
-        let stack = stack(&ctx);
+        let trace = WasmBacktrace::capture(&ctx);
+        let stack: Vec<String> = trace.frames().iter().map(name).collect();
+        let offset = trace.frames().first().and_then(|f| f.func_offset());
         if let Some(p) = PROFILE.lock().unwrap().as_mut() {
             p.charge(fuel);
+            if let (Some(top), Some(offset)) = (stack.first(), offset) {
+                *p.checks
+                    .entry(top.clone())
+                    .or_default()
+                    .entry(offset)
+                    .or_default() += 1;
+            }
             p.last_stack = stack;
         }
         Ok(UpdateDeadline::Continue(0))
     });
 }
 
-fn stack(store: impl AsContext) -> Vec<String> {
-    WasmBacktrace::capture(store)
-        .frames()
-        .iter()
-        .map(|f| {
-            f.func_name()
-                .map(demangle)
-                .unwrap_or_else(|| format!("<function {}>", f.func_index()))
-        })
-        .collect()
+fn name(frame: &wasmtime::FrameInfo) -> String {
+    frame
+        .func_name()
+        .map(demangle)
+        .unwrap_or_else(|| format!("<function {}>", frame.func_index()))
 }
 
 /// Before a call into the guest, with the fuel the store holds.
@@ -112,17 +119,27 @@ pub fn reset() {
     }
 }
 
-/// The `top` functions by their fuel on top of the stack, then by their fuel anywhere on it.
+/// The `top` functions by their fuel on top of the stack (with their calls: the checks at the
+/// entry of their body), then by their fuel anywhere on it, then per caller.
 pub fn report(top: usize) -> String {
     let guard = PROFILE.lock().unwrap();
     let Some(p) = guard.as_ref() else {
         return "no profile (IDEMPOTENCY_HOST_PROFILE is not set)\n".into();
     };
     let mut rows: Vec<_> = p.by_function.iter().collect();
-    let mut out = format!("{} fuel in all\n    self   total  function\n", p.total);
+    let calls = |name: &str| {
+        p.checks
+            .get(name)
+            .and_then(|c| c.values().next().copied())
+            .unwrap_or(0)
+    };
+    let mut out = format!(
+        "{} fuel in all\n    self   total    calls  function\n",
+        p.total
+    );
     rows.sort_by(|a, b| b.1.0.cmp(&a.1.0).then(b.1.1.cmp(&a.1.1)));
     for (name, (own, all)) in rows.iter().take(top) {
-        let _ = writeln!(out, "{own:>8} {all:>8}  {name}");
+        let _ = writeln!(out, "{own:>8} {all:>8} {:>8}  {name}", calls(name));
     }
     out.push_str("\nby total:\n");
     rows.sort_by_key(|r| std::cmp::Reverse(r.1.1));
