@@ -14,6 +14,15 @@
 //! Wasm instance's memory never shrinks anyway; what the small classes hold is bounded by the
 //! most small blocks ever live at once (a burst's peak), as the system allocator's own heap is.
 //!
+//! A block goes back to the class its `Layout` names (GlobalAlloc's contract: the layout it was
+//! allocated with). Unlike dlmalloc, which reads a block's size from its own header, this
+//! trusts that for the buffers a host fills too: the host asks for them through
+//! `proxy_on_memory_allocate(size)` and the SDK frees them as `Vec`s of the size the host then
+//! reports, which is the size it asked for in both hosts (proxy-wasm-cpp-host's
+//! `copyToPointerSize`, ngx_wasm_module's marshalling). A host that asked for more than it
+//! reported would only move a block into a smaller class than its own (room wasted, nothing
+//! overwritten).
+//!
 //! A Wasm instance runs one thread (no `atomics` feature: the `cfg` in lib.rs), so the state
 //! needs no lock.
 
