@@ -68,19 +68,12 @@ impl Fingerprint {
         let digest: [u8; 32] = self.hasher.finalize().into();
         let mut out = *b"sha-256:0000000000000000000000000000000000000000000000000000000000000000";
         for (pair, b) in out[8..].chunks_exact_mut(2).zip(digest) {
-            pair.copy_from_slice(&hex_pair(b));
+            pair.copy_from_slice(&crate::json::hex_pair(b));
         }
         // Only ASCII was written: the check cannot fail (and costs less than pushing the 64
         // digits one `char` at a time).
         String::from_utf8(out.to_vec()).unwrap_or_default()
     }
-}
-
-/// A byte as two lower-case hex digits.
-fn hex_pair(b: u8) -> [u8; 2] {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let digit = |n: u8| HEX.get(usize::from(n)).copied().unwrap_or(b'0');
-    [digit(b >> 4), digit(b & 0xf)]
 }
 
 #[cfg(test)]

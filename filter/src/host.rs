@@ -160,16 +160,8 @@ mod tests {
 
     #[test]
     fn kong_dispatches_are_checked_before_they_are_made() {
-        let server = |upstream: &str, authority: &str| crate::config::Server {
-            upstream: upstream.into(),
-            authority: authority.into(),
-            path_prefix: String::new(),
-            captures_path: "/captures".into(),
-            batch_path: "/captures/batch".into(),
-            token: None,
-            authorization: None,
-            timeout_ms: 1,
-            ngx_dispatchable: false,
+        let server = |upstream: &str, authority: &str| {
+            crate::config::Server::new(upstream.into(), authority.into(), String::new(), 1, None)
         };
         for good in [
             "127.0.0.1:9000",
@@ -204,13 +196,9 @@ mod tests {
         assert!(!ngx_dispatchable(&server("b:1", "b"), "", "/captures"));
         assert!(!ngx_dispatchable(&server("b:1", "b"), "POST", ""));
         // Decided once, for the configuration's two paths.
-        let made = |upstream: &str, authority: &str| {
-            crate::config::Server::new(upstream.into(), authority.into(), "/api".into(), 1, None)
-                .ngx_dispatchable
-        };
-        assert!(made("127.0.0.1:9000", "backend"));
-        assert!(!made("http://127.0.0.1:9000", "backend"));
-        assert!(!made("127.0.0.1:9000", ""));
+        assert!(server("127.0.0.1:9000", "backend").ngx_dispatchable);
+        assert!(!server("http://127.0.0.1:9000", "backend").ngx_dispatchable);
+        assert!(!server("127.0.0.1:9000", "").ngx_dispatchable);
     }
 
     #[test]

@@ -38,6 +38,13 @@ fn escape_of(b: u8) -> u8 {
     }
 }
 
+/// A byte as two lower-case hex digits (a `\u00xx` escape; the fingerprint's digits).
+pub fn hex_pair(b: u8) -> [u8; 2] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let digit = |n: u8| HEX.get(usize::from(n)).copied().unwrap_or(b'0');
+    [digit(b >> 4), digit(b & 0xf)]
+}
+
 /// `s` as a JSON string, quoted and escaped.
 pub fn string(out: &mut Vec<u8>, s: &str) {
     out.reserve(s.len() + 2);
@@ -50,9 +57,8 @@ pub fn string(out: &mut Vec<u8>, s: &str) {
         match escape_of(b) {
             0 => out.push(b),
             b'u' => {
-                const HEX: &[u8; 16] = b"0123456789abcdef";
-                let hex = |n: u8| HEX.get(usize::from(n)).copied().unwrap_or(b'0');
-                out.extend_from_slice(&[b'\\', b'u', b'0', b'0', hex(b >> 4), hex(b & 0xf)]);
+                let [hi, lo] = hex_pair(b);
+                out.extend_from_slice(&[b'\\', b'u', b'0', b'0', hi, lo]);
             }
             e => out.extend_from_slice(&[b'\\', e]),
         }

@@ -16,10 +16,10 @@
 //! - replay: the retry, answered from the stored capture (fix-ups included);
 //! - conflict: a duplicate while the first is in flight (409).
 //!
-//! With `IDEMPOTENCY_HOST_PROFILE=<n>` it then sends `n` first requests (1 KiB bodies, or
-//! `IDEMPOTENCY_PROFILE_BODY` bytes) per mode and prints where their instructions went, by guest function
-//! (`idempotency_tests::profile`; build the module with `CARGO_PROFILE_WASM_STRIP=false` for
-//! the names).
+//! With `IDEMPOTENCY_HOST_PROFILE=<n>` it sends instead `n` first requests (1 KiB bodies, or
+//! `IDEMPOTENCY_PROFILE_BODY` bytes) per mode and prints where their instructions went, by
+//! guest function (`idempotency_tests::profile`; build the module with
+//! `CARGO_PROFILE_WASM_STRIP=false` for the names).
 
 #[path = "../tests/filter/support.rs"]
 #[allow(unused_macros, unused_imports)]
@@ -66,7 +66,11 @@ async fn floor(mode: Mode, size: usize) -> u64 {
     fuel
 }
 
-async fn measure(mode: Mode, size: usize) -> [u64; 4] {
+/// The filter in `mode` in front of an upstream answering 201 with `size` bytes, after a first
+/// request that is not measured: an instance detects its host on its first request (a
+/// property read or two, and a log line), once for all the requests it will serve. The body
+/// of the requests to send.
+async fn start(mode: Mode, size: usize) -> (E2e, Vec<u8>) {
     // Kong: a body buffer as large as the bodies (README: nginx_http_client_body_buffer_size).
     let t = E2e::setup(mode)
         .config(json!({"max_request_body_bytes": 1 << 20}))
@@ -82,11 +86,14 @@ async fn measure(mode: Mode, size: usize) -> [u64; 4] {
             .header("set-cookie", "b=2")
             .body(body.clone()),
     );
-    // A first request, not measured: an instance detects its host on its first request (a
-    // property read or two, and a log line), once for all the requests it will serve.
     let r = t.post("/orders", None, body.clone()).send().await.unwrap();
     assert_eq!(r.status, 201);
     t.host().settle().await;
+    (t, body)
+}
+
+async fn measure(mode: Mode, size: usize) -> [u64; 4] {
+    let (t, body) = start(mode, size).await;
     // No key.
     let r = t.post("/orders", None, body.clone()).send().await.unwrap();
     assert_eq!(r.status, 201);
@@ -131,26 +138,14 @@ async fn measure(mode: Mode, size: usize) -> [u64; 4] {
     [no_key, first, replay, conflict]
 }
 
-/// `n` first requests (allocate, copy, record; Kong: the tick's record), sampled.
+/// Where the instructions of `n` first requests (allocate, copy, record; Kong: the tick's
+/// record) go, per guest function.
 async fn profile(mode: Mode, n: usize) {
-    let t = E2e::setup(mode)
-        .config(json!({"max_request_body_bytes": 1 << 20}))
-        .host(|b| b.client_body_buffer_size(1 << 20))
-        .start()
-        .await;
     let size = std::env::var("IDEMPOTENCY_PROFILE_BODY")
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(1024);
-    let body: Vec<u8> = (0..size).map(|i| b'a' + (i % 26) as u8).collect();
-    t.api.reply(
-        "/orders",
-        Reply::new(201)
-            .header("content-type", "application/octet-stream")
-            .body(body.clone()),
-    );
-    let r = t.post("/orders", None, body.clone()).send().await.unwrap();
-    assert_eq!(r.status, 201);
+    let (t, body) = start(mode, size).await;
     idempotency_tests::profile::reset();
     for i in 0..n {
         let r = t

@@ -23,7 +23,7 @@
 //! | [`secrets`] | the keys, tokens and bodies a test sent, looked for in the filter's and the backend's logs |
 //! | [`connections`] | ngx: the worker's `worker_connections` slots, and the ones root calls leak |
 //! | [`observed`] | logs, metrics, shared data, fuel, violations (survive an ngx reset) |
-//! | [`profile`] | a profiling aid: a sampling profile of the guest's functions (`IDEMPOTENCY_HOST_PROFILE`) |
+//! | [`profile`] | a profiling aid: the guest's fuel counted per function (`IDEMPOTENCY_HOST_PROFILE`) |
 //! | [`exposition`] | the filter's metrics as each host exports them: Kong's Prometheus plugin (`pw_<filter>_<name>`), Envoy's `/stats` (`wasmcustom.<name>`) and `/stats/prometheus` |
 //! | [`upstream`] | the counting upstream (the API behind the gateway) |
 //! | [`client`] | a small HTTP/1.1 client (status, reason, repeated headers, bytes) |

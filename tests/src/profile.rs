@@ -61,9 +61,11 @@ impl Profile {
 
 static PROFILE: Mutex<Option<Profile>> = Mutex::new(None);
 
-/// Whether the profile is on (`IDEMPOTENCY_HOST_PROFILE` set).
+/// Whether the profile is on (`IDEMPOTENCY_HOST_PROFILE` set), read once: it is asked around
+/// every call into the guest.
 pub fn enabled() -> bool {
-    std::env::var_os("IDEMPOTENCY_HOST_PROFILE").is_some()
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("IDEMPOTENCY_HOST_PROFILE").is_some())
 }
 
 /// Makes `store` call back at every epoch check.
