@@ -60,16 +60,24 @@ async fn lease(store: &EmbeddedStore, key: &str, lease: Duration) -> String {
     }
 }
 
-#[tokio::test]
-async fn everything_acknowledged_survives_a_reopen() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open_in(dir.path()).await.unwrap();
-    let token = lease(&store, "done", HOUR).await;
+/// Leaves "done" recorded, "held" in flight and "gone" released.
+async fn three_fates(store: &EmbeddedStore) {
+    let token = lease(store, "done", HOUR).await;
     store.record(rec("done", &token, HOUR)).await.unwrap();
-    lease(&store, "held", HOUR).await;
-    store.shutdown().await.unwrap();
+    lease(store, "held", HOUR).await;
+    let token = lease(store, "gone", HOUR).await;
+    let release = Release {
+        key: "gone".into(),
+        lease_token: Some(token),
+    };
+    assert_eq!(
+        store.release(release).await.unwrap(),
+        ReleaseOutcome::Released
+    );
+}
 
-    let store = open_in(dir.path()).await.unwrap();
+/// What [`three_fates`] left: a replay, a 409 and a new lease.
+async fn assert_three_fates(store: &EmbeddedStore) {
     assert_eq!(
         store.allocate(alloc("done", HOUR)).await.unwrap(),
         AllocateOutcome::Completed(conformance::capture("done"))
@@ -78,6 +86,62 @@ async fn everything_acknowledged_survives_a_reopen() {
         store.allocate(alloc("held", HOUR)).await.unwrap(),
         AllocateOutcome::InFlight { .. }
     ));
+    assert!(matches!(
+        store.allocate(alloc("gone", HOUR)).await.unwrap(),
+        AllocateOutcome::Allocated { .. }
+    ));
+}
+
+/// A shutdown's last checkpoint puts into redb what only the journal held: the data dir
+/// opens with the journal gone and every answer is the same.
+#[tokio::test]
+async fn everything_acknowledged_survives_a_reopen_in_redb_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = EmbeddedOptions::new(dir.path());
+    // No checkpoint before the shutdown's.
+    options.checkpoint_interval = HOUR;
+    let store = open_with(options.clone()).await.unwrap();
+    three_fates(&store).await;
+    assert_eq!(store.stats().checkpoints, 0);
+    store.shutdown().await.unwrap();
+    for file in JOURNAL_FILES {
+        std::fs::remove_file(dir.path().join(file)).unwrap();
+    }
+
+    let store = open_with(options).await.unwrap();
+    assert_three_fates(&store).await;
+    store.shutdown().await.unwrap();
+}
+
+/// A capture that redb does not hold yet (no checkpoint since it was recorded) is replayed
+/// from the writer's view on the caller's thread, once its batch is durable: no batch of the
+/// writer for it. So is one that a checkpoint has put into redb.
+#[tokio::test]
+async fn a_replay_is_read_without_the_writer_before_and_after_a_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = EmbeddedOptions::new(dir.path());
+    options.checkpoint_interval = HOUR;
+    let store = open_with(options.clone()).await.unwrap();
+    let token = lease(&store, "done", HOUR).await;
+    store.record(rec("done", &token, HOUR)).await.unwrap();
+    let replays = |store: EmbeddedStore| async move {
+        let before = store.stats();
+        for _ in 0..3 {
+            assert_eq!(
+                store.allocate(alloc("done", HOUR)).await.unwrap(),
+                AllocateOutcome::Completed(conformance::capture("done"))
+            );
+        }
+        let after = store.stats();
+        assert_eq!(after.reads, before.reads + 3, "{after:?}");
+        assert_eq!(after.batches, before.batches, "{after:?}");
+        store
+    };
+    let store = replays(store).await;
+    assert_eq!(store.stats().checkpoints, 0);
+    store.shutdown().await.unwrap();
+    // Reopened: in redb now, the view empty.
+    let store = replays(open_with(options).await.unwrap()).await;
     store.shutdown().await.unwrap();
 }
 
@@ -99,18 +163,7 @@ async fn what_only_the_journal_holds_survives_a_crash_and_the_next_one() {
     options.checkpoint_interval = HOUR;
     let open = |options: EmbeddedOptions| async move { open_with(options).await.unwrap() };
     let store = open(options.clone()).await;
-    let token = lease(&store, "done", HOUR).await;
-    store.record(rec("done", &token, HOUR)).await.unwrap();
-    lease(&store, "held", HOUR).await;
-    let token = lease(&store, "gone", HOUR).await;
-    let release = Release {
-        key: "gone".into(),
-        lease_token: Some(token),
-    };
-    assert_eq!(
-        store.release(release).await.unwrap(),
-        ReleaseOutcome::Released
-    );
+    three_fates(&store).await;
     assert_eq!(store.stats().checkpoints, 0);
     let crashed = crash_copy(dir.path());
     store.shutdown().await.unwrap();
@@ -124,22 +177,10 @@ async fn what_only_the_journal_holds_survives_a_crash_and_the_next_one() {
 
     options.data_dir = crashed_again.path().to_owned();
     let store = open(options).await;
-    assert_eq!(
-        store.allocate(alloc("done", HOUR)).await.unwrap(),
-        AllocateOutcome::Completed(conformance::capture("done"))
-    );
-    for key in ["held", "later"] {
-        assert!(
-            matches!(
-                store.allocate(alloc(key, HOUR)).await.unwrap(),
-                AllocateOutcome::InFlight { .. }
-            ),
-            "{key}"
-        );
-    }
+    assert_three_fates(&store).await;
     assert!(matches!(
-        store.allocate(alloc("gone", HOUR)).await.unwrap(),
-        AllocateOutcome::Allocated { .. }
+        store.allocate(alloc("later", HOUR)).await.unwrap(),
+        AllocateOutcome::InFlight { .. }
     ));
     store.shutdown().await.unwrap();
 }

@@ -6,9 +6,9 @@
 //! (about a dozen, scattered: both B-trees, the table tree, the allocator's state) and syncs
 //! them, and nothing else can be written until it returns. A journal record is a few hundred
 //! bytes appended in one place, and its sync can run on another thread while the writer
-//! applies the next batch. redb still holds the data: each batch is committed to it without a
-//! sync (`Durability::None`), and every so often a durable redb commit (a *checkpoint*) makes
-//! everything before it durable in redb itself, after which the journal starts over.
+//! applies the next batch. redb gets the data at checkpoints: every so often one applies the
+//! journal's records since the last one to redb and commits durably, after which the journal
+//! starts over.
 //!
 //! # Two files, one per generation's parity
 //!
