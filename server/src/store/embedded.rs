@@ -443,8 +443,10 @@ enum Command {
     Ping(Reply<()>),
     Shutdown(Reply<()>),
     /// From the checkpoint thread when its commit is over: the writer, idle maybe, lands it
-    /// (reads its keys from redb again, and begins the next checkpoint if one is due).
-    Checkpointed,
+    /// (reads its keys from redb again, and begins the next checkpoint if one is due). With
+    /// the checkpoint's number: the writer may have landed it already, and begun another,
+    /// which this must not make it wait for.
+    Checkpointed(u64),
 }
 
 impl Command {
@@ -458,7 +460,7 @@ impl Command {
             Command::Batch(_, r) => drop(r.send(Err(error))),
             Command::Purge(_, r) => drop(r.send(Err(error))),
             Command::Ping(r) | Command::Shutdown(r) => drop(r.send(Err(error))),
-            Command::Checkpointed => {}
+            Command::Checkpointed(_) => {}
         }
     }
 
@@ -621,6 +623,7 @@ impl EmbeddedStore {
             records: Vec::new(),
             purges: Vec::new(),
             running: None,
+            checkpoints: 0,
             wake: commands.downgrade(),
             payload: Vec::new(),
             options: options.clone(),
@@ -863,6 +866,8 @@ struct Writer {
     purges: Vec<(usize, Reply<usize>)>,
     /// The checkpoint running beside the writer, if any.
     running: Option<Running>,
+    /// How many checkpoints were begun beside the writer.
+    checkpoints: u64,
     /// The writer's own channel, for the checkpoint thread's [`Command::Checkpointed`] (weak:
     /// the channel still closes when the store's handles are gone).
     wake: mpsc::WeakSender<Command>,
@@ -887,6 +892,8 @@ struct ToSync {
 
 /// A checkpoint on the `store-checkpoint` thread.
 struct Running {
+    /// Its number, one more than the last one's.
+    number: u64,
     committing: JoinHandle<Result<(), StoreError>>,
     /// The generation it stores, if it applies records (a purge alone stores none).
     generation: Option<u64>,
@@ -1106,7 +1113,7 @@ impl Writer {
                 Command::Purge(..)
                 | Command::Ping(_)
                 | Command::Shutdown(_)
-                | Command::Checkpointed => 0,
+                | Command::Checkpointed(_) => 0,
             })
             .sum();
         if operations > 0 {
@@ -1121,17 +1128,17 @@ impl Writer {
             }
             return fail_all(batch, &e);
         }
-        // A checkpoint that is over lands first (a shutdown waits for it; `Checkpointed` comes
-        // as its thread ends).
-        let wait = batch
-            .iter()
-            .any(|c| matches!(c, Command::Shutdown(_) | Command::Checkpointed));
-        if self
-            .running
-            .as_ref()
-            .is_some_and(|r| wait || r.committing.is_finished())
-            && let Err(e) = self.land()
-        {
+        // A checkpoint that is over lands first (a shutdown waits for it; its `Checkpointed`
+        // comes as its thread ends).
+        let over = self.running.as_ref().is_some_and(|r| {
+            r.committing.is_finished()
+                || batch.iter().any(|c| match c {
+                    Command::Shutdown(_) => true,
+                    Command::Checkpointed(number) => *number == r.number,
+                    _ => false,
+                })
+        });
+        if over && let Err(e) = self.land() {
             return fail_all(batch, &e);
         }
 
@@ -1323,6 +1330,8 @@ impl Writer {
             return self.landed(committed, generation, upto);
         }
         let wake = self.wake.clone();
+        self.checkpoints += 1;
+        let number = self.checkpoints;
         let spawned = std::thread::Builder::new()
             .name("store-checkpoint".into())
             .spawn(move || {
@@ -1330,13 +1339,14 @@ impl Writer {
                 // Never blocks: with the queue full the writer has work, and at its next batch
                 // it finds this thread finished. (Gone: the store is.)
                 if let Some(commands) = wake.upgrade() {
-                    let _ = commands.try_send(Command::Checkpointed);
+                    let _ = commands.try_send(Command::Checkpointed(number));
                 }
                 committed
             });
         match spawned {
             Ok(committing) => {
                 self.running = Some(Running {
+                    number,
                     committing,
                     generation,
                     upto,
@@ -1521,7 +1531,7 @@ fn execute(
             false
         }
         Command::Shutdown(reply) => return Ok(Executed::Shutdown(reply)),
-        Command::Checkpointed => false, // landed before the batch was applied
+        Command::Checkpointed(_) => false, // landed before the batch was applied
     };
     Ok(Executed::Done { wrote })
 }

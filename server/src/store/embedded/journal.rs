@@ -108,7 +108,8 @@ impl Journal {
 
     /// From now on records are of `generation` (the next checkpoint's), written from the first
     /// byte of its file. The caller has synced every record before (the syncer syncs only the
-    /// file of the newest batch it is handed).
+    /// file of the newest batch it is handed), or makes them durable in redb before it writes
+    /// the next record.
     pub fn restart(&mut self, generation: u64) {
         self.generation = generation;
         self.offset = 0;
