@@ -33,11 +33,11 @@
 //! file: see [`journal`]). Meanwhile the writer goes on; once the checkpoint is on disk it
 //! reads those keys from redb again. The B-tree inserts and redb's commit are then paid once
 //! per checkpoint, off the writer, whose cycle (apply, journal, sync, answer) is what bounds
-//! the rate of durable allocations: this gave 8 % and 19 % more allocations per second than
-//! the writer committing each batch to redb itself, without a sync (`wrk`, 32 connections,
-//! medians of six alternating runs, two series), and 5 % more replays. At open, redb comes
-//! back at its last durable commit and the journal's records after it are applied again,
-//! those of a checkpoint that did not land included.
+//! the rate of durable allocations: this gave 8–19 % more allocations per second than the
+//! writer committing each batch to redb itself, without a sync, in four series of alternating
+//! `wrk` runs at 32 connections (1 % in a fifth), and 5 % more replays (bench/limits.md). At
+//! open, redb comes back at its last durable commit and the journal's records after it are
+//! applied again, those of a checkpoint that did not land included.
 //!
 //! No answer is sent before its change is durable, and no answer depends on a change that is
 //! not: a batch that changed nothing (replays, 409s, 403s, a readiness probe) pays no sync,
