@@ -260,6 +260,29 @@ async fn what_was_staged_beside_a_checkpoint_survives_a_crash() {
     store.shutdown().await.unwrap();
 }
 
+/// With no room for batches beside a checkpoint (`max_staged_bytes: 0`), the writer waits for
+/// each checkpoint to land before it applies the next batch: none is journaled while one
+/// runs, and the answers are the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_staged_bound_the_writer_waits_for_the_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = EmbeddedOptions::new(dir.path());
+    options.checkpoint_bytes = 0;
+    options.max_staged_bytes = 0;
+    let store = Arc::new(open_with(options).await.unwrap());
+    allocate_concurrently(&store, 300).await;
+    let stats = store.stats();
+    assert!(stats.checkpoints > 0, "{stats:?}");
+    assert_eq!(stats.staged, 0, "{stats:?}");
+    for i in 0..300 {
+        assert!(matches!(
+            store.allocate(alloc(&format!("k{i}"), HOUR)).await.unwrap(),
+            AllocateOutcome::InFlight { .. }
+        ));
+    }
+    store.shutdown().await.unwrap();
+}
+
 /// A purge that arrives while a checkpoint runs waits for it, and is answered when it is over
 /// even if nothing else comes (the checkpoint thread wakes the writer): here each allocation
 /// begins a checkpoint and the purge right after it is the only command queued.
