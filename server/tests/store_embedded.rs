@@ -115,7 +115,8 @@ async fn everything_acknowledged_survives_a_reopen_in_redb_alone() {
 
 /// A capture that redb does not hold yet (no checkpoint since it was recorded) is replayed
 /// from the writer's view on the caller's thread, once its batch is durable: no batch of the
-/// writer for it. So is one that a checkpoint has put into redb.
+/// writer for it. So is one in redb (put there by the shutdown's checkpoint, read after a
+/// reopen).
 #[tokio::test]
 async fn a_replay_is_read_without_the_writer_before_and_after_a_checkpoint() {
     let dir = tempfile::tempdir().unwrap();

@@ -32,9 +32,9 @@
 //! commits durably; the journal then starts over (the next generation, in the other journal
 //! file: see [`journal`]). Meanwhile the writer goes on (up to
 //! [`EmbeddedOptions::max_staged_bytes`] of journal, then it waits for the checkpoint); once
-//! the checkpoint is on disk it reads those keys from redb again. The B-tree inserts and redb's commit are then paid once
-//! per checkpoint, off the writer, whose cycle (apply, journal, sync, answer) is what bounds
-//! the rate of durable allocations: this gave 8–19 % more allocations per second than the
+//! the checkpoint is on disk it reads those keys from redb again. The B-tree inserts and
+//! redb's commit are then paid once per checkpoint, off the writer, whose cycle (apply,
+//! journal, sync, answer) is what bounds the rate of durable allocations: this gave 8–19 % more allocations per second than the
 //! writer committing each batch to redb itself, without a sync, in four series of alternating
 //! `wrk` runs at 32 connections (1 % in a fifth), and 5 % more replays (bench/limits.md). At
 //! open, redb comes back at its last durable commit and the journal's records after it are
@@ -273,7 +273,7 @@ impl Default for Counters {
             ),
             reads: counter(
                 "reads_total",
-                "Allocations of a live key answered from a read transaction, without the writer.",
+                "Allocations of a live key answered on the caller's thread from the store's view, without the writer.",
             ),
             batches: counter(
                 "transactions_total",
@@ -320,7 +320,7 @@ impl Default for Counters {
 pub struct Stats {
     /// Allocations, records and releases applied (including those answered by a read).
     pub operations: u64,
-    /// Allocations of a live key answered from a read transaction, without the writer.
+    /// Allocations of a live key answered on the caller's thread, without the writer.
     pub reads: u64,
     /// Batches the writer applied (each carries one or more commands).
     pub batches: u64,
@@ -389,6 +389,11 @@ impl View {
             },
         }
     }
+}
+
+/// `captures` as of redb's last commit (which is durable: only checkpoints commit).
+fn snapshot(db: &Database) -> Result<ReadOnlyTable<&'static str, &'static [u8]>, redb::Error> {
+    Ok(db.begin_read()?.open_table(CAPTURES)?)
 }
 
 fn decode_staged(key: &str, bytes: Option<&[u8]>) -> Result<Option<Entry>, StoreError> {
@@ -502,9 +507,9 @@ impl Command {
 /// database for the reads that need no writer.
 pub struct EmbeddedStore {
     commands: mpsc::Sender<Command>,
-    /// `None` once shut down: the writer then holds the last handle, and closes the file.
-    reader: RwLock<Option<Arc<Database>>>,
-    /// What redb does not hold yet, over which reads look up a key first.
+    /// Set when the shutdown begins: reads leave everything to the writer from then on.
+    closed: AtomicBool,
+    /// The store as the writer left it, which reads look up.
     view: Arc<RwLock<View>>,
     writer: Mutex<Option<JoinHandle<()>>>,
     shared: Arc<Shared>,
@@ -604,11 +609,7 @@ impl EmbeddedStore {
                 })?
         };
         let (commands, receiver) = mpsc::channel(options.queue.max(1));
-        let snapshot = db
-            .begin_read()
-            .map_err(redb::Error::from)
-            .and_then(|txn| Ok(txn.open_table(CAPTURES)?))
-            .map_err(db_error)?;
+        let snapshot = snapshot(&db).map_err(db_error)?;
         let view = Arc::new(RwLock::new(View {
             snapshot: Some(snapshot),
             current: HashMap::new(),
@@ -646,7 +647,7 @@ impl EmbeddedStore {
         tracing::info!(path = %path.display(), "embedded store open");
         Ok(EmbeddedStore {
             commands,
-            reader: RwLock::new(Some(db)),
+            closed: AtomicBool::new(false),
             view,
             writer: Mutex::new(Some(handle)),
             shared,
@@ -700,8 +701,9 @@ impl EmbeddedStore {
     /// durable commits. `None`: the writer must answer (a free key, a batch not synced yet, an
     /// error, a store shut down).
     fn allocate_by_reading(&self, request: &Allocate) -> Option<AllocateOutcome> {
-        let reader = self.reader.read().ok()?;
-        reader.as_ref()?;
+        if self.closed.load(Ordering::SeqCst) {
+            return None;
+        }
         let view = read_view(&self.view);
         let current = match view.staged(&request.key) {
             Some(staged) => {
@@ -783,9 +785,9 @@ impl Store for EmbeddedStore {
         let Some(handle) = self.writer.lock().expect("writer handle").take() else {
             return Ok(()); // already shut down
         };
-        // No more reads: the writer's handle on the database is the last one, so the file is
-        // closed when the writer exits. (Waits for the reads in progress.)
-        self.reader.write().expect("reader").take();
+        // No more reads: the writer closes the file as it exits (dropping the view's snapshot
+        // waits for the reads in progress).
+        self.closed.store(true, Ordering::SeqCst);
         // Everything queued before this command is applied and made durable first.
         let flushed = self.call(Command::Shutdown).await;
         // The thread closes the database and unlocks the data dir as it exits.
@@ -925,15 +927,15 @@ impl Checkpoint {
         let started = Instant::now();
         let mut rows = Vec::with_capacity(self.purges.len());
         let mut purged = 0;
-        let committed = (|| -> Result<bool, String> {
-            let db = |e: redb::Error| e.to_string();
-            let txn = self.db.begin_write().map_err(|e| db(e.into()))?;
+        let committed = (|| -> Result<bool, StoreError> {
+            let txn = self.db.begin_write().map_err(unavailable)?;
             let mut wrote = !self.records.is_empty();
             {
-                let mut captures = txn.open_table(CAPTURES).map_err(|e| db(e.into()))?;
-                let mut expiry = txn.open_table(EXPIRY).map_err(|e| db(e.into()))?;
+                let mut captures = txn.open_table(CAPTURES).map_err(unavailable)?;
+                let mut expiry = txn.open_table(EXPIRY).map_err(unavailable)?;
                 for record in &self.records {
-                    replay(&mut captures, &mut expiry, record, self.takeover_window)?;
+                    replay(&mut captures, &mut expiry, record, self.takeover_window)
+                        .map_err(StoreError::Unavailable)?;
                 }
                 // The purges see every change made before them (each came after the batches
                 // whose records are here), and the next checkpoint applies the later ones on
@@ -947,21 +949,20 @@ impl Checkpoint {
                         now,
                         *limit,
                     )
-                    .map_err(db)?;
+                    .map_err(unavailable)?;
                     wrote |= consumed > 0;
                     purged += deleted;
                     rows.push(consumed);
                 }
                 if let Some(generation) = self.generation {
-                    let mut meta = txn.open_table(META).map_err(|e| db(e.into()))?;
-                    meta.insert(GENERATION, generation)
-                        .map_err(|e| db(e.into()))?;
+                    let mut meta = txn.open_table(META).map_err(unavailable)?;
+                    meta.insert(GENERATION, generation).map_err(unavailable)?;
                 }
             }
             if wrote {
-                txn.commit().map_err(|e| db(e.into()))?;
+                txn.commit().map_err(unavailable)?;
             } else {
-                txn.abort().map_err(|e| db(e.into()))?;
+                txn.abort().map_err(unavailable)?;
             }
             Ok(wrote)
         })();
@@ -975,11 +976,11 @@ impl Checkpoint {
                 c.purged.inc_by(purged as u64);
                 Ok(())
             }
-            Err(why) => {
+            Err(e) => {
                 // As for a failed write on the writer: nothing more is acknowledged.
-                tracing::error!(%why, "a checkpoint failed");
+                tracing::error!(error = %e, "a checkpoint failed");
                 self.shared.failed.store(true, Ordering::SeqCst);
-                Err(StoreError::Unavailable(why))
+                Err(e)
             }
         };
         for (i, (_, reply)) in self.purges.into_iter().enumerate() {
@@ -1178,7 +1179,7 @@ impl Writer {
         };
         self.purges.extend(done.purges);
         let shutdown = done.shutdown;
-        let outcome = if done.changed {
+        if done.changed {
             // Into the view before anything is answered, tagged with the batch's number so
             // that the callers' reads wait for its sync.
             let number = self.number + 1;
@@ -1197,19 +1198,19 @@ impl Writer {
             if self.running.is_some() {
                 self.shared.counters.staged.inc();
             }
-            // A checkpoint the writer makes right after (at a shutdown, or without background
-            // checkpoints) makes the batch durable: no sync of the journal for it.
-            let sync = shutdown.is_none()
-                && (self.options.background_checkpoints || !self.checkpoint_due());
-            self.journal_batch(pending, sync)
+        }
+        // The writer makes the checkpoint itself, right after, at a shutdown (redb is then
+        // self-contained) and without background checkpoints; it makes the batch durable, so
+        // the batch's journal record needs no sync.
+        let inline =
+            shutdown.is_some() || (!self.options.background_checkpoints && self.checkpoint_due());
+        let outcome = if done.changed {
+            self.journal_batch(pending, !inline)
         } else {
             // Nothing to make durable: no sync; the answers wait only for an earlier batch's.
             self.after_durable(pending)
         };
-        let outcome = if shutdown.is_some() {
-            // A shutdown leaves redb self-contained: what only the journal holds goes to redb.
-            outcome.and_then(|pending| self.begin_checkpoint(false).map(|()| pending))
-        } else if !self.options.background_checkpoints && self.checkpoint_due() {
+        let outcome = if inline {
             outcome.and_then(|pending| self.begin_checkpoint(false).map(|()| pending))
         } else {
             if outcome.is_ok()
@@ -1302,8 +1303,8 @@ impl Writer {
     /// waiting): on a thread of its own while the writer goes on (`background`), or here, and
     /// landed before this returns. Records start a new journal generation, in the other file.
     fn begin_checkpoint(&mut self, background: bool) -> Result<(), StoreError> {
-        // (Only a shutdown finds one running, landed already.)
-        self.land()?;
+        // One at a time: a shutdown landed the running one before its batch.
+        debug_assert!(self.running.is_none(), "one checkpoint at a time");
         if self.records.is_empty() && self.purges.is_empty() {
             return Ok(());
         }
@@ -1403,15 +1404,10 @@ impl Writer {
             self.shared.durable.fetch_max(upto, Ordering::SeqCst);
             self.shared.counters.checkpoints.inc();
         }
-        let snapshot = self
-            .db
-            .begin_read()
-            .map_err(redb::Error::from)
-            .and_then(|txn| Ok(txn.open_table(CAPTURES)?))
-            .map_err(|e| {
-                self.shared.failed.store(true, Ordering::SeqCst);
-                unavailable(e)
-            })?;
+        let snapshot = snapshot(&self.db).map_err(|e| {
+            self.shared.failed.store(true, Ordering::SeqCst);
+            unavailable(e)
+        })?;
         // One change for the readers: what the checkpoint applied, now read from redb.
         let old = {
             let mut view = write_view(&self.view);
