@@ -248,11 +248,8 @@ async fn ready_follows_redis_down_and_back() {
 
 #[tokio::test]
 async fn an_unreachable_store_fails_the_start_with_one_line_and_status_1() {
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let dead = idempotency_tests::DeadPort::new();
+    let closed = dead.addr.port();
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().to_str().unwrap();
     let redis = format!("redis://:s3cret@127.0.0.1:{closed}/0");

@@ -347,11 +347,8 @@ async fn with_wait_replicas_a_write_is_answered_once_replicas_have_it() {
 
 #[tokio::test]
 async fn an_unreachable_redis_fails_the_start_with_one_clear_error() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let dead = idempotency_tests::DeadPort::new();
+    let port = dead.addr.port();
     let mut options = RedisOptions::new(RedisTarget::Single(format!(
         "redis://:s3cret@127.0.0.1:{port}/0"
     )));

@@ -25,7 +25,7 @@
 //! | [`observed`] | logs, metrics, shared data, fuel, violations (survive an ngx reset) |
 //! | [`profile`] | a profiling aid: the guest's fuel counted per function (`IDEMPOTENCY_HOST_PROFILE`) |
 //! | [`exposition`] | the filter's metrics as each host exports them: Kong's Prometheus plugin (`pw_<filter>_<name>`), Envoy's `/stats` (`wasmcustom.<name>`) and `/stats/prometheus` |
-//! | [`upstream`] | the counting upstream (the API behind the gateway) |
+//! | [`upstream`] | the counting upstream (the API behind the gateway), and a port that refuses connections |
 //! | [`client`] | a small HTTP/1.1 client (status, reason, repeated headers, bytes) |
 //! | [`build`] | builds a workspace package for wasm32-wasip1 (`--profile wasm`) |
 //!
@@ -236,4 +236,4 @@ pub use observed::{
     Fuel, Level, LogLine, Metric, MetricKind, RequestFuel, Source, Violation, ViolationKind,
 };
 pub use rules::{FailurePolicy, Mode, Phase};
-pub use upstream::{Reply, Seen, Upstream};
+pub use upstream::{DeadPort, Reply, Seen, Upstream};

@@ -384,3 +384,35 @@ impl<I: Iterator + Unpin> futures_core::Stream for Iter<I> {
         std::task::Poll::Ready(self.0.next())
     }
 }
+
+/// A loopback address where nothing listens, for as long as the value lives: connections to
+/// it are refused. The port stays bound (a socket that never listens, which refuses them as
+/// a closed port does) so that nothing else can take it meanwhile: a listener bound and
+/// dropped frees its port for the next `bind(…:0)`, and once the test host's own listener
+/// got it, so that the host proxied to itself until its headers passed the limit (a 431 where
+/// the test expected Envoy's 503).
+pub struct DeadPort {
+    _socket: tokio::net::TcpSocket,
+    pub addr: SocketAddr,
+}
+
+impl DeadPort {
+    pub fn new() -> DeadPort {
+        // No SO_REUSEADDR: no other socket may bind the port while this one holds it.
+        let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+        socket
+            .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .expect("a loopback port");
+        let addr = socket.local_addr().expect("the bound address");
+        DeadPort {
+            _socket: socket,
+            addr,
+        }
+    }
+}
+
+impl Default for DeadPort {
+    fn default() -> DeadPort {
+        DeadPort::new()
+    }
+}

@@ -138,10 +138,8 @@ async fn ngx_failed_calls_carry_dispatch_status() {
     let env = Env::new(Mode::Ngx).await;
     env.backend.reply("/call", Reply::hang());
     let host = env.host().await;
-    let closed = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().to_string()
-    };
+    let dead = idempotency_tests::DeadPort::new();
+    let closed = dead.addr.to_string();
     let cases = [
         (env.target(), "dispatch_status:timeout"),
         (closed, "dispatch_status:broken connection"),
@@ -213,10 +211,8 @@ async fn ngx_a_url_or_a_missing_method_traps() {
 async fn envoy_failed_calls_and_bad_arguments() {
     let env = Env::new(Mode::Envoy).await;
     env.backend.reply("/call", Reply::hang());
-    let closed = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
+    let dead = idempotency_tests::DeadPort::new();
+    let closed = dead.addr;
     let host = env
         .builder()
         .cluster("closed", closed)

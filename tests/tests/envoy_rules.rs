@@ -114,10 +114,8 @@ async fn envoy_response_code_details_name_who_answered() {
     assert_eq!(details(&upstream), "via_upstream");
     host.finish().await;
     // The upstream refuses the connection: Envoy's router answers 503 itself.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let dead_addr = dead.local_addr().unwrap();
-    drop(dead);
-    let host = env.builder().upstream(dead_addr).start().await.unwrap();
+    let dead = idempotency_tests::DeadPort::new();
+    let host = env.builder().upstream(dead.addr).start().await.unwrap();
     let refused = host
         .client()
         .request("GET", "/")

@@ -76,10 +76,8 @@ async fn a_root_dispatch_from_its_own_call_response_crashes_the_ngx_worker() {
 async fn a_root_dispatch_after_a_failed_call_does_not_crash_ngx_nor_anything_on_envoy() {
     // ngx: a failed call (refused) reaches the callback before its socket is closed.
     let env = Env::new(Mode::Ngx).await;
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let dead_addr = dead.local_addr().unwrap().to_string();
-    drop(dead);
-    let host = redispatching_root(&env, &dead_addr).await;
+    let dead = idempotency_tests::DeadPort::new();
+    let host = redispatching_root(&env, &dead.addr.to_string()).await;
     host.advance(Duration::from_secs(1)).await;
     host.settle().await;
     assert_eq!(

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use idempotency_tests::Mode;
+use idempotency_tests::{DeadPort, Mode};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -117,13 +117,15 @@ async fn raw_backend(
     addr
 }
 
-async fn faulty(fault: Fault) -> SocketAddr {
+/// Where the backend with `fault` answers, and for `Down` the port that refuses connections
+/// (refused while it lives).
+async fn faulty(fault: Fault) -> (SocketAddr, Option<DeadPort>) {
     match fault {
         Fault::Down => {
-            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            l.local_addr().unwrap()
+            let dead = DeadPort::new();
+            (dead.addr, Some(dead))
         }
-        f => raw_backend(move |_| bytes_of(f)).await,
+        f => (raw_backend(move |_| bytes_of(f)).await, None),
     }
 }
 
@@ -168,7 +170,7 @@ async fn every_allocation_fault_gives_the_configured_outcome_in_time(mode: Mode)
     for fault in FAULTS {
         for on_error in ["reject", "pass"] {
             let what = format!("{fault:?} with {on_error}");
-            let backend = faulty(fault).await;
+            let (backend, _down) = faulty(fault).await;
             let gw = Gateway::start(mode, backend, config(on_error)).await;
             let (answers, slowest) = gw.with_ticks(burst(&gw, "fault", 20)).await;
             assert!(

@@ -4,11 +4,11 @@
 
 use std::time::Duration;
 
-use idempotency_tests::{ClientResponse, Mode, Reply, Upstream};
+use idempotency_tests::{ClientResponse, DeadPort, Mode, Reply, Upstream};
 use serde_json::json;
 
 use crate::both_modes;
-use crate::support::{E2e, Target, dead_addr, metric, problem, problem_of};
+use crate::support::{E2e, Target, metric, problem, problem_of};
 
 /// The client must get its answer: a hang fails the test here, not at the global bound.
 async fn answered(
@@ -21,10 +21,8 @@ async fn answered(
 }
 
 async fn backend_down_rejects_with_503(mode: Mode) {
-    let t = E2e::setup(mode)
-        .target(Target::At(dead_addr().await))
-        .start()
-        .await;
+    let dead = DeadPort::new();
+    let t = E2e::setup(mode).target(Target::At(dead.addr)).start().await;
     let r = answered(t.post("/pay", Some("\"k-down\""), "{}").send()).await;
     assert_eq!(r.status, 503);
     assert_eq!(
@@ -38,9 +36,10 @@ async fn backend_down_rejects_with_503(mode: Mode) {
 }
 
 async fn backend_down_with_pass_forwards_and_counts(mode: Mode) {
+    let dead = DeadPort::new();
     let t = E2e::setup(mode)
         .config(json!({"on_server_error": "pass"}))
-        .target(Target::At(dead_addr().await))
+        .target(Target::At(dead.addr))
         .start()
         .await;
     t.api.reply("/pay", Reply::new(201).body("paid"));

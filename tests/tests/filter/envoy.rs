@@ -140,10 +140,11 @@ async fn envoys_own_answers_are_released_never_stored() {
     assert_eq!(again.header("idempotent-replayed"), None);
     t.finish().await;
     // The upstream refuses the connection: Envoy's router answers 503 itself.
-    let dead = crate::support::dead_addr().await;
+    let dead = idempotency_tests::DeadPort::new();
+    let addr = dead.addr;
     let t = E2e::setup(Mode::Envoy)
         .config(json!({"store_status": ["100-599"]}))
-        .host(move |h| h.upstream(dead))
+        .host(move |h| h.upstream(addr))
         .start()
         .await;
     let r = t.send("/orders", "\"k-refused\"", "{}").await;

@@ -157,12 +157,6 @@ impl Drop for Backend {
     }
 }
 
-/// A loopback address where nothing listens (connections are refused).
-pub async fn dead_addr() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    l.local_addr().unwrap()
-}
-
 /// Where the filter's calls go.
 pub enum Target {
     /// The real backend.
