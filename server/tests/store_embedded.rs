@@ -292,6 +292,24 @@ async fn past_the_staged_bound_the_writer_waits_for_the_checkpoint() {
     store.shutdown().await.unwrap();
 }
 
+/// The checkpoint thread's wake-up, which lands a checkpoint on an idle writer, is not
+/// counted as a batch: one allocation, its checkpoint landed, one batch.
+#[tokio::test]
+async fn a_checkpoint_landing_alone_is_not_a_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = EmbeddedOptions::new(dir.path());
+    options.checkpoint_bytes = 0;
+    let store = open_with(options).await.unwrap();
+    lease(&store, "k", HOUR).await;
+    let stats = common::eventually("the checkpoint to land", || async {
+        let stats = store.stats();
+        (stats.checkpoints == 1).then_some(stats)
+    })
+    .await;
+    assert_eq!((stats.batches, stats.commits), (1, 1), "{stats:?}");
+    store.shutdown().await.unwrap();
+}
+
 /// A purge that arrives while a checkpoint runs waits for it, and is answered when it is over
 /// even if nothing else comes (the checkpoint thread wakes the writer): here each allocation
 /// begins a checkpoint and the purge right after it is the only command queued.

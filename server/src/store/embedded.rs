@@ -277,7 +277,7 @@ impl Default for Counters {
             ),
             batches: counter(
                 "transactions_total",
-                "Batches the writer applied (each carries one or more operations).",
+                "Batches the writer applied (each carries one or more of the callers' commands).",
             ),
             commits: counter(
                 "commits_total",
@@ -322,7 +322,7 @@ pub struct Stats {
     pub operations: u64,
     /// Allocations of a live key answered on the caller's thread, without the writer.
     pub reads: u64,
-    /// Batches the writer applied (each carries one or more commands).
+    /// Batches the writer applied (each carries one or more of the callers' commands).
     pub batches: u64,
     /// Batches that changed something (each one journal record).
     pub commits: u64,
@@ -1112,7 +1112,13 @@ impl Writer {
     /// batch carried a shutdown, returns its reply and whether everything before it was made
     /// durable in redb (commands after it are refused).
     fn apply(&mut self, batch: Vec<Command>) -> Option<(Reply<()>, Result<(), StoreError>)> {
-        self.shared.counters.batches.inc();
+        // The checkpoint thread's wake-up alone is not a batch: nobody sent it.
+        if batch
+            .iter()
+            .any(|command| !matches!(command, Command::Checkpointed(_)))
+        {
+            self.shared.counters.batches.inc();
+        }
         let operations: usize = batch
             .iter()
             .map(|command| match command {
