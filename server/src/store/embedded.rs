@@ -705,15 +705,13 @@ impl EmbeddedStore {
             return None;
         }
         let view = read_view(&self.view);
-        let current = match view.staged(&request.key) {
-            Some(staged) => {
-                if staged.batch > self.shared.durable.load(Ordering::SeqCst) {
-                    return None;
-                }
-                codec::decode(staged.entry.as_deref()?).ok()?
-            }
-            None => read(view.snapshot.as_ref()?, &request.key).ok()?.ok()??,
-        };
+        if view
+            .staged(&request.key)
+            .is_some_and(|staged| staged.batch > self.shared.durable.load(Ordering::SeqCst))
+        {
+            return None;
+        }
+        let current = view.get(&request.key).ok()?.ok()??;
         drop(view);
         if self.shared.failed.load(Ordering::SeqCst) {
             return None;
