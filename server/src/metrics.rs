@@ -368,12 +368,12 @@ impl Metrics {
 
     /// One HTTP request answered. `route` is the route's template (`None`: no route).
     pub fn http_request(&self, route: Option<&str>, method: &axum::http::Method, status: u16) {
+        // A status is three digits (`StatusCode` holds 100 to 999): written on the stack, not
+        // in a `String` per request.
+        let digits = [100, 10, 1].map(|unit| b'0' + (status / unit % 10) as u8);
+        let status = std::str::from_utf8(&digits).unwrap_or("???");
         self.http_requests
-            .with_label_values(&[
-                route.unwrap_or("unmatched"),
-                method_label(method),
-                &status.to_string(),
-            ])
+            .with_label_values(&[route.unwrap_or("unmatched"), method_label(method), status])
             .inc();
     }
 
