@@ -55,7 +55,7 @@ pub const TAKEOVER_WINDOW: Duration = Duration::from_secs(60);
 pub fn new_lease_token() -> String {
     // rand's thread-local CSPRNG (ChaCha12, seeded and periodically reseeded from the OS):
     // unguessable like the OS source, without a `getrandom` system call per allocation (about
-    // 1.5 % of the server's samples under load, BENCHMARKS.md). It panics if the OS source
+    // 1 % of the server's samples under load: bench/limits.md). It panics if the OS source
     // cannot seed it: falling back to a predictable token would silently weaken the lease.
     let bytes: [u8; 16] = rand::random();
     // One allocation (every allocation of a key makes a token: no string per byte).
