@@ -97,16 +97,39 @@ async fn point(
     })
 }
 
-/// The disk's raw sync rate: a 4 KiB write into a pre-written file and one `fdatasync`, in a
-/// loop (what one sync per operation could do at best).
-pub fn raw_sync_rate(dir_in: &Path, seconds: f64) -> anyhow::Result<f64> {
+/// The disk's raw sync rate with `files` syncs in flight at once: as many threads, each
+/// writing 4 KiB into a pre-written file of its own and syncing it, in a loop; the sum of
+/// their rates. With one file, what one sync per operation could do at best; with more, what
+/// a store that overlapped its syncs could draw from the disk (the journal keeps one in
+/// flight).
+pub fn raw_sync_rate(dir_in: &Path, seconds: f64, files: usize) -> anyhow::Result<f64> {
     let dir = tempfile::tempdir_in(dir_in)?;
+    let paths: Vec<_> = (0..files)
+        .map(|i| dir.path().join(format!("sync{i}")))
+        .collect();
+    std::thread::scope(|scope| {
+        let loops: Vec<_> = paths
+            .iter()
+            .map(|path| scope.spawn(move || sync_loop(path, seconds)))
+            .collect();
+        loops
+            .into_iter()
+            .map(|l| {
+                l.join()
+                    .map_err(|_| anyhow::anyhow!("a sync loop panicked"))?
+            })
+            .sum()
+    })
+}
+
+/// Syncs per second of one file: a 4 KiB write and one `fdatasync`, in a loop.
+fn sync_loop(path: &Path, seconds: f64) -> anyhow::Result<f64> {
     let file = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(true)
-        .open(dir.path().join("sync"))?;
+        .open(path)?;
     file.write_all_at(&vec![0u8; 1 << 20], 0)?;
     file.sync_all()?;
     let page = vec![1u8; 4096];
@@ -122,6 +145,8 @@ pub fn raw_sync_rate(dir_in: &Path, seconds: f64) -> anyhow::Result<f64> {
 
 pub struct Sweep {
     pub raw_syncs: f64,
+    /// The raw rate with two syncs in flight (two files, a thread each).
+    pub overlapped_syncs: f64,
     pub journal: Vec<Point>,
     pub commit_per_batch: Vec<Point>,
 }
@@ -129,6 +154,7 @@ pub struct Sweep {
 /// Medians of `runs` at each concurrency; the designs and the raw sync alternate.
 pub async fn sweep(dir_in: &Path, runs: usize, seconds: f64) -> anyhow::Result<Sweep> {
     let mut raw = Vec::new();
+    let mut overlapped = Vec::new();
     let mut journal = Vec::new();
     let mut per_batch = Vec::new();
     for &c in &CONCURRENCY {
@@ -138,9 +164,15 @@ pub async fn sweep(dir_in: &Path, runs: usize, seconds: f64) -> anyhow::Result<S
             j.push(point(dir_in, Design::Journal, c, seconds).await?);
             b.push(point(dir_in, Design::CommitPerBatch, c, seconds).await?);
             let dir = dir_in.to_owned();
-            raw.push(
-                tokio::task::spawn_blocking(move || raw_sync_rate(&dir, seconds / 4.0)).await??,
-            );
+            let (one, two) = tokio::task::spawn_blocking(move || {
+                anyhow::Ok((
+                    raw_sync_rate(&dir, seconds / 4.0, 1)?,
+                    raw_sync_rate(&dir, seconds / 4.0, 2)?,
+                ))
+            })
+            .await??;
+            raw.push(one);
+            overlapped.push(two);
         }
         let m = |points: &[Point]| Point {
             concurrency: c,
@@ -158,6 +190,7 @@ pub async fn sweep(dir_in: &Path, runs: usize, seconds: f64) -> anyhow::Result<S
     }
     Ok(Sweep {
         raw_syncs: median(raw),
+        overlapped_syncs: median(overlapped),
         journal,
         commit_per_batch: per_batch,
     })
