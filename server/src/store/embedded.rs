@@ -381,7 +381,17 @@ impl View {
 
     /// The raw entry of a key, expired or not (see [`read`]).
     fn get(&self, key: &str) -> Result<Result<Option<Entry>, StoreError>, redb::Error> {
-        match self.staged(key) {
+        self.entry(key, self.staged(key))
+    }
+
+    /// [`View::get`] once the caller has looked up `staged`, the key's [`View::staged`] (a
+    /// caller's read checks its batch first, and looks it up once).
+    fn entry(
+        &self,
+        key: &str,
+        staged: Option<&Staged>,
+    ) -> Result<Result<Option<Entry>, StoreError>, redb::Error> {
+        match staged {
             Some(staged) => Ok(decode_staged(key, staged.entry.as_deref())),
             None => match &self.snapshot {
                 Some(snapshot) => read(snapshot, key),
@@ -705,13 +715,11 @@ impl EmbeddedStore {
             return None;
         }
         let view = read_view(&self.view);
-        if view
-            .staged(&request.key)
-            .is_some_and(|staged| staged.batch > self.shared.durable.load(Ordering::SeqCst))
-        {
+        let staged = view.staged(&request.key);
+        if staged.is_some_and(|staged| staged.batch > self.shared.durable.load(Ordering::SeqCst)) {
             return None;
         }
-        let current = view.get(&request.key).ok()?.ok()??;
+        let current = view.entry(&request.key, staged).ok()?.ok()??;
         drop(view);
         if self.shared.failed.load(Ordering::SeqCst) {
             return None;
