@@ -361,11 +361,20 @@ struct View {
     /// redb as of the last checkpoint that landed (only checkpoints commit to redb, durably).
     /// `None` once the writer has exited: a read transaction keeps the file open.
     snapshot: Option<ReadOnlyTable<&'static str, &'static [u8]>>,
+    /// Which snapshot `snapshot` is (one more at each checkpoint that lands): a key a caller
+    /// found in neither the staged maps nor this snapshot is still absent from it.
+    epoch: u64,
     /// What the batches since the last checkpoint began changed.
     current: HashMap<String, Staged>,
     /// What the checkpoint running now applies to redb (empty once it has landed).
     frozen: HashMap<String, Staged>,
 }
+
+/// What a caller's read of an allocation's key found: `Some(epoch)` if the key was in neither
+/// the view's staged maps nor its snapshot `epoch`. The writer then reads only the staged maps
+/// (where a change made since would be) while that snapshot is still the view's, and spares
+/// itself the B-tree lookup of a fresh key, which the caller has made already.
+type Absent = Option<u64>;
 
 /// A key's last entry in the [`View`] (encoded; `None`: deleted), and the number of the batch
 /// that wrote it: a caller answers from it only once that batch is durable.
@@ -379,13 +388,8 @@ impl View {
         self.current.get(key).or_else(|| self.frozen.get(key))
     }
 
-    /// The raw entry of a key, expired or not (see [`read`]).
-    fn get(&self, key: &str) -> Result<Result<Option<Entry>, StoreError>, redb::Error> {
-        self.entry(key, self.staged(key))
-    }
-
-    /// [`View::get`] once the caller has looked up `staged`, the key's [`View::staged`] (a
-    /// caller's read checks its batch first, and looks it up once).
+    /// The raw entry of a key, expired or not (see [`read`]), given `staged`, its
+    /// [`View::staged`] (which the caller looks up first: a caller's read checks its batch).
     fn entry(
         &self,
         key: &str,
@@ -454,9 +458,9 @@ impl Shared {
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
 enum Command {
-    /// With the lease token it gets if it takes the key, drawn by the caller: the OS random
-    /// source is a system call, kept off the writer, the one thread every change goes through.
-    Allocate(Allocate, String, Reply<AllocateOutcome>),
+    /// With the lease token it gets if it takes the key, drawn by the caller, and what the
+    /// caller's read found: work kept off the writer, the one thread every change goes through.
+    Allocate(Allocate, String, Absent, Reply<AllocateOutcome>),
     Record(Record, Reply<RecordOutcome>),
     Release(Release, Reply<ReleaseOutcome>),
     /// Applied in the transaction of the batch it lands in, like as many single operations.
@@ -476,7 +480,7 @@ impl Command {
     fn fail(self, error: StoreError) {
         // A caller that went away does not need its answer.
         match self {
-            Command::Allocate(_, _, r) => drop(r.send(Err(error))),
+            Command::Allocate(_, _, _, r) => drop(r.send(Err(error))),
             Command::Record(_, r) => drop(r.send(Err(error))),
             Command::Release(_, r) => drop(r.send(Err(error))),
             Command::Batch(_, r) => drop(r.send(Err(error))),
@@ -622,6 +626,7 @@ impl EmbeddedStore {
         let snapshot = snapshot(&db).map_err(db_error)?;
         let view = Arc::new(RwLock::new(View {
             snapshot: Some(snapshot),
+            epoch: 0,
             current: HashMap::new(),
             frozen: HashMap::new(),
         }));
@@ -708,34 +713,38 @@ impl EmbeddedStore {
     /// An allocation of a live key changes nothing (a replay, a 409, a 422): answered on the
     /// caller's thread, without a trip through the writer, when what it reads is durable: the
     /// key's entry in the [`View`] once its batch is synced, or else in redb, which holds only
-    /// durable commits. `None`: the writer must answer (a free key, a batch not synced yet, an
-    /// error, a store shut down).
-    fn allocate_by_reading(&self, request: &Allocate) -> Option<AllocateOutcome> {
+    /// durable commits. `Err`: the writer must answer (a free key, a batch not synced yet, an
+    /// error, a store shut down), with what the read found of a key that is not there at all.
+    fn allocate_by_reading(&self, request: &Allocate) -> Result<AllocateOutcome, Absent> {
         if self.closed.load(Ordering::SeqCst) {
-            return None;
+            return Err(None);
         }
         let view = read_view(&self.view);
         let staged = view.staged(&request.key);
         if staged.is_some_and(|staged| staged.batch > self.shared.durable.load(Ordering::SeqCst)) {
-            return None;
+            return Err(None);
         }
-        let current = view.entry(&request.key, staged).ok()?.ok()??;
+        let current = match view.entry(&request.key, staged) {
+            Ok(Ok(Some(current))) => current,
+            Ok(Ok(None)) if staged.is_none() => return Err(Some(view.epoch)),
+            _ => return Err(None),
+        };
         drop(view);
         if self.shared.failed.load(Ordering::SeqCst) {
-            return None;
+            return Err(None);
         }
         let now = now_ms();
         if !current.is_live(now) {
-            return None;
+            return Err(None);
         }
         match super::allocate(Some(&current), request, now, String::new) {
             (outcome, Change::None) => {
                 let c = &self.shared.counters;
                 c.operations.inc();
                 c.reads.inc();
-                Some(outcome)
+                Ok(outcome)
             }
-            _ => None,
+            _ => Err(None),
         }
     }
 }
@@ -747,11 +756,12 @@ impl Store for EmbeddedStore {
     }
 
     async fn allocate(&self, request: Allocate) -> Result<AllocateOutcome, StoreError> {
-        if let Some(outcome) = self.allocate_by_reading(&request) {
-            return Ok(outcome);
-        }
+        let absent = match self.allocate_by_reading(&request) {
+            Ok(outcome) => return Ok(outcome),
+            Err(absent) => absent,
+        };
         let token = super::new_lease_token();
-        self.call(|reply| Command::Allocate(request, token, reply))
+        self.call(|reply| Command::Allocate(request, token, absent, reply))
             .await
     }
 
@@ -1424,6 +1434,7 @@ impl Writer {
         let old = {
             let mut view = write_view(&self.view);
             let old = view.snapshot.replace(snapshot);
+            view.epoch += 1;
             (old, std::mem::take(&mut view.frozen))
         };
         drop(old); // (outside the lock)
@@ -1446,11 +1457,20 @@ struct Tables<'t> {
 impl Tables<'_> {
     /// The raw entry of a key, expired or not (see [`read`]): this batch's change, the view's,
     /// or redb's.
-    fn get(&self, key: &str) -> Result<Result<Option<Entry>, StoreError>, redb::Error> {
-        match self.changes.get(key) {
-            Some(entry) => Ok(decode_staged(key, entry.as_deref())),
-            None => read_view(self.view).get(key),
+    fn get(
+        &self,
+        key: &str,
+        absent: Absent,
+    ) -> Result<Result<Option<Entry>, StoreError>, redb::Error> {
+        if let Some(entry) = self.changes.get(key) {
+            return Ok(decode_staged(key, entry.as_deref()));
         }
+        let view = read_view(self.view);
+        let staged = view.staged(key);
+        if staged.is_none() && absent == Some(view.epoch) {
+            return Ok(Ok(None)); // the caller's read of this snapshot found nothing
+        }
+        view.entry(key, staged)
     }
 }
 
@@ -1504,18 +1524,18 @@ fn execute(
     now: UnixMillis,
 ) -> Result<Executed, redb::Error> {
     let wrote = match command {
-        Command::Allocate(request, token, reply) => {
-            operate(tables, &request.key, reply, pending, |current| {
+        Command::Allocate(request, token, absent, reply) => {
+            operate(tables, &request.key, absent, reply, pending, |current| {
                 super::allocate(current, &request, now, || token)
             })?
         }
         Command::Record(request, reply) => {
-            operate(tables, &request.key, reply, pending, |current| {
+            operate(tables, &request.key, None, reply, pending, |current| {
                 super::record(current, &request, now)
             })?
         }
         Command::Release(request, reply) => {
-            operate(tables, &request.key, reply, pending, |current| {
+            operate(tables, &request.key, None, reply, pending, |current| {
                 super::release(current, &request, now)
             })?
         }
@@ -1524,11 +1544,11 @@ fn execute(
             let mut wrote = false;
             for op in operations {
                 let (result, changed) = match op {
-                    BatchOp::Record(request) => step(tables, &request.key, |current| {
+                    BatchOp::Record(request) => step(tables, &request.key, None, |current| {
                         super::record(current, &request, now)
                     })
                     .map(|(r, w)| (r.map(BatchOutcome::Record), w))?,
-                    BatchOp::Release(request) => step(tables, &request.key, |current| {
+                    BatchOp::Release(request) => step(tables, &request.key, None, |current| {
                         super::release(current, &request, now)
                     })
                     .map(|(r, w)| (r.map(BatchOutcome::Release), w))?,
@@ -1563,11 +1583,12 @@ fn execute(
 fn operate<T: Send + 'static>(
     tables: &mut Tables<'_>,
     key: &str,
+    absent: Absent,
     reply: Reply<T>,
     pending: &mut Vec<Pending>,
     state_machine: impl FnOnce(Option<&Entry>) -> (T, Change),
 ) -> Result<bool, redb::Error> {
-    let (result, changed) = step(tables, key, state_machine)?;
+    let (result, changed) = step(tables, key, absent, state_machine)?;
     pending.push(answer(reply, result));
     Ok(changed)
 }
@@ -1577,10 +1598,11 @@ fn operate<T: Send + 'static>(
 fn step<T>(
     tables: &mut Tables<'_>,
     key: &str,
+    absent: Absent,
     state_machine: impl FnOnce(Option<&Entry>) -> (T, Change),
 ) -> Result<(Result<T, StoreError>, bool), redb::Error> {
     let mut changed = false;
-    let result = match tables.get(key)? {
+    let result = match tables.get(key, absent)? {
         Ok(current) => {
             let (outcome, change) = state_machine(current.as_ref());
             changed = write(tables, key, change);
@@ -1901,5 +1923,61 @@ mod tests {
         assert_eq!((rows, deleted), (1, 0));
         assert!(left.is_empty());
         assert_eq!(keys, ["k"]);
+    }
+
+    /// A caller that found a key absent says so, and the writer then skips its own lookup in
+    /// redb, but only while redb's snapshot is still the one the caller read. Here a
+    /// checkpoint lands between the read and the command: the key is in redb then, in no
+    /// staged map, and the command must still find its lease.
+    #[tokio::test]
+    async fn a_read_that_found_a_key_absent_is_not_trusted_past_a_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut options = EmbeddedOptions::new(dir.path());
+        // Each batch is checkpointed by the writer itself, and landed before it is answered.
+        options.background_checkpoints = false;
+        options.checkpoint_interval = Duration::ZERO;
+        let store = EmbeddedStore::open(options).unwrap();
+        let request = |key: &str| Allocate {
+            key: key.into(),
+            fingerprint: None,
+            lease: Duration::from_secs(60),
+        };
+        let allocate = |key: &'static str, absent: Absent| {
+            store.call(move |reply| {
+                Command::Allocate(request(key), crate::store::new_lease_token(), absent, reply)
+            })
+        };
+
+        let stale = store.allocate_by_reading(&request("k")).unwrap_err();
+        assert_eq!(stale, Some(0), "absent from the first snapshot");
+        let first = store.allocate(request("k")).await.unwrap();
+        assert!(
+            matches!(first, AllocateOutcome::Allocated { .. }),
+            "{first:?}"
+        );
+        {
+            let view = read_view(&store.view);
+            assert_eq!(view.epoch, 1, "a checkpoint landed");
+            assert!(view.staged("k").is_none(), "the lease is in redb only");
+        }
+        let again = allocate("k", stale).await.unwrap();
+        assert!(
+            matches!(again, AllocateOutcome::InFlight { .. }),
+            "{again:?}"
+        );
+
+        // Read in the snapshot that is still the view's, the caller's word stands.
+        let fresh = store.allocate_by_reading(&request("fresh")).unwrap_err();
+        assert_eq!(fresh, Some(1));
+        let allocated = allocate("fresh", fresh).await.unwrap();
+        assert!(
+            matches!(allocated, AllocateOutcome::Allocated { .. }),
+            "{allocated:?}"
+        );
+        assert!(matches!(
+            store.allocate(request("fresh")).await.unwrap(),
+            AllocateOutcome::InFlight { .. }
+        ));
+        store.shutdown().await.unwrap();
     }
 }
