@@ -26,7 +26,8 @@
 //!
 //! The writer does not write to redb. It reads a key through a [`View`]: the batch's own
 //! changes, then what the batches since the last checkpoints changed (in-memory maps, key →
-//! entry), then a snapshot of redb's last durable commit. Every so often (100 ms, or 8 MiB of
+//! entry), then a snapshot of redb's last durable commit (which it skips for a fresh key that
+//! the caller's read found absent from the same snapshot: [`Absent`]). Every so often (100 ms, or 8 MiB of
 //! journal) a *checkpoint* on a thread of its own (`store-checkpoint`) applies the journal's
 //! records since the last one to redb in one transaction, runs the purges waiting for it, and
 //! commits durably; the journal then starts over (the next generation, in the other journal
