@@ -1457,7 +1457,7 @@ struct Tables<'t> {
 
 impl Tables<'_> {
     /// The raw entry of a key, expired or not (see [`read`]): this batch's change, the view's,
-    /// or redb's.
+    /// or redb's (not looked up if `absent` says the caller found none in this snapshot).
     fn get(
         &self,
         key: &str,
