@@ -178,18 +178,29 @@ fn sibling(name: &str) -> anyhow::Result<PathBuf> {
 
 /// The backend on the embedded store (a temp dir on the same disk as the data would be).
 pub async fn embedded(dir_in: &Path) -> anyhow::Result<Server> {
+    embedded_build(dir_in, &sibling("idempotency-server")?, "embedded").await
+}
+
+/// [`embedded`] with another build of the backend: `binary` takes `--listen` and
+/// `--data-dir` (a wrapper script that sets environment variables first will do).
+pub async fn embedded_build(
+    dir_in: &Path,
+    binary: &Path,
+    name: &'static str,
+) -> anyhow::Result<Server> {
     let dir = tempfile::tempdir_in(dir_in)?;
     let addr = free_addr();
-    let mut child = Command::new(sibling("idempotency-server")?)
+    let what = binary.display().to_string();
+    let mut child = Command::new(binary)
         .args(["--listen", &addr.to_string(), "--data-dir"])
         .arg(dir.path())
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()
-        .context("starting idempotency-server")?;
-    wait_listening(addr, &mut child, "idempotency-server").await?;
+        .with_context(|| format!("starting {what}"))?;
+    wait_listening(addr, &mut child, &what).await?;
     Ok(Server {
-        name: "embedded",
+        name,
         addr,
         child,
         _dir: dir,
@@ -317,6 +328,8 @@ pub async fn seed(addr: SocketAddr, prefix: &str, keys: usize) -> anyhow::Result
 /// One wrk run's figures.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Run {
+    /// Requests answered (with [`medians`]: all the runs').
+    pub requests: u64,
     pub rps: f64,
     pub p50_us: f64,
     pub p99_us: f64,
@@ -379,6 +392,7 @@ impl Wrk {
             .collect();
         anyhow::ensure!(n.len() == 6, "wrk's figures: {line}");
         Ok(Run {
+            requests: n[0] as u64,
             rps: n[0] / (n[1] / 1e6),
             p50_us: n[2],
             p99_us: n[3],
@@ -392,6 +406,7 @@ impl Wrk {
 pub fn medians(runs: &[Run]) -> Run {
     let pick = |f: fn(&Run) -> f64| median(runs.iter().map(f).collect());
     Run {
+        requests: runs.iter().map(|r| r.requests).sum(),
         rps: pick(|r| r.rps),
         p50_us: pick(|r| r.p50_us),
         p99_us: pick(|r| r.p99_us),
@@ -455,6 +470,27 @@ pub async fn suite(
         }
     }
     Ok(figures)
+}
+
+/// The CPU time a process has used (user and system, all its threads), in seconds.
+pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // After the command's name (in parentheses, which may hold spaces): the fields from the
+    // third on; `utime` and `stime` are the 14th and 15th.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .context("no command name")?
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| -> anyhow::Result<f64> {
+        Ok(fields
+            .get(i - 3)
+            .context("a short stat line")?
+            .parse::<f64>()?)
+    };
+    // In clock ticks of USER_HZ, which Linux fixes at 100 on every architecture it exposes it.
+    Ok((ticks(14)? + ticks(15)?) / 100.0)
 }
 
 /// The resident memory of a process, in bytes.

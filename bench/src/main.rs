@@ -10,7 +10,8 @@
 //! embedded store alone as concurrency grows, against the disk's raw sync rate; the filter in
 //! the test host against a no-op filter (fuel, memory per request in flight, whole-path
 //! latency). Bounded: every run has a fixed duration or count, and everything talks to
-//! loopback only.
+//! loopback only. Beside the suite: `path` (the whole path alone, to profile) and `ab` (two
+//! builds of the backend compared, to measure a change).
 
 mod backend;
 mod baseline;
@@ -46,6 +47,33 @@ enum Cmd {
         #[arg(long, default_value_os_t = std::env::temp_dir())]
         dir: PathBuf,
     },
+    /// Two builds of the backend compared (a change measured, not a goal): each on the
+    /// embedded store, under `wrk -t1 -c32` in turn, with keep-alive; the medians of their
+    /// requests per second and of their CPU time per request (user and system, from
+    /// /proc/<pid>/stat).
+    Ab {
+        #[arg(long, default_value_t = 8)]
+        runs: usize,
+        #[arg(long, default_value_t = 3)]
+        seconds: u64,
+        #[arg(long, default_value_os_t = std::env::temp_dir())]
+        dir: PathBuf,
+        /// Allocations of fresh keys, or replays of 1,000 recorded keys.
+        #[arg(value_enum)]
+        scenario: Compared,
+        /// The build measured first in each turn: a binary taking `--listen` and
+        /// `--data-dir`, or a wrapper script that sets environment variables first.
+        a: PathBuf,
+        /// The other build.
+        b: PathBuf,
+    },
+}
+
+/// What `ab` runs.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Compared {
+    Allocate,
+    Replay,
 }
 
 #[derive(Parser, Clone)]
@@ -110,6 +138,14 @@ fn main() -> anyhow::Result<()> {
         } => baseline::run(listen, [allocated, recorded, replay]),
         Cmd::Run(args) => runtime()?.block_on(run(args)),
         Cmd::Path { runs, seconds, dir } => runtime()?.block_on(path(runs, seconds, dir)),
+        Cmd::Ab {
+            runs,
+            seconds,
+            dir,
+            scenario,
+            a,
+            b,
+        } => runtime()?.block_on(ab(runs, seconds, dir, scenario, [a, b])),
     }
 }
 
@@ -240,6 +276,68 @@ async fn run(args: Args) -> anyhow::Result<()> {
         args.out.display(),
         plot.display(),
         started.elapsed().as_secs_f64() / 60.0
+    );
+    Ok(())
+}
+
+/// Alternating runs of `scenario` against the two builds, a line per run, then the medians
+/// and their ratios (B over A). CPU time per request is the steadier figure on a machine
+/// whose disk moves the rate several-fold between runs.
+async fn ab(
+    runs: usize,
+    seconds: u64,
+    dir: PathBuf,
+    scenario: Compared,
+    builds: [PathBuf; 2],
+) -> anyhow::Result<()> {
+    let servers = [
+        backend::embedded_build(&dir, &builds[0], "A").await?,
+        backend::embedded_build(&dir, &builds[1], "B").await?,
+    ];
+    let replay_prefix = format!("ab{}", std::process::id());
+    let (scenario, keys) = match scenario {
+        Compared::Allocate => (backend::Scenario::Allocate, 0),
+        Compared::Replay => (backend::Scenario::Replay, 1000),
+    };
+    if keys > 0 {
+        for server in &servers {
+            backend::seed(server.addr, &replay_prefix, keys).await?;
+        }
+    }
+    let wrk = backend::Wrk::new(seconds, 32)?;
+    let mut rates = [Vec::new(), Vec::new()];
+    let mut cpu = [Vec::new(), Vec::new()];
+    for i in 1..=runs {
+        let mut line = format!("run {i}:");
+        for (s, server) in servers.iter().enumerate() {
+            let prefix = match scenario {
+                backend::Scenario::Replay => replay_prefix.clone(),
+                _ => format!("{replay_prefix}x{i}{}", server.name),
+            };
+            let before = backend::cpu_seconds(server.pid())?;
+            let run = wrk.run(server.addr, scenario, false, &prefix, keys).await?;
+            let used = backend::cpu_seconds(server.pid())? - before;
+            anyhow::ensure!(
+                run.requests > 0 && run.errors == 0,
+                "{} answered {} requests, {} errors",
+                builds[s].display(),
+                run.requests,
+                run.errors
+            );
+            let us = used * 1e6 / run.requests as f64;
+            line += &format!("   {} {:.0} req/s {us:.2} µs/req", server.name, run.rps);
+            rates[s].push(run.rps);
+            cpu[s].push(us);
+        }
+        println!("{line}");
+    }
+    let [ra, rb] = rates.map(median);
+    let [ca, cb] = cpu.map(median);
+    println!(
+        "medians: A {ra:.0} req/s {ca:.2} µs/req; B {rb:.0} req/s {cb:.2} µs/req; \
+         B/A {:.3} in req/s, {:.3} in CPU per request",
+        rb / ra,
+        cb / ca
     );
     Ok(())
 }
