@@ -26,11 +26,11 @@
 //!
 //! The writer does not write to redb. It reads a key through a [`View`]: the batch's own
 //! changes, then what the batches since the last checkpoints changed (in-memory maps, key →
-//! entry), then a snapshot of redb's last durable commit (which it skips for a fresh key that
-//! the caller's read found absent from the same snapshot: [`Absent`]). Every so often (100 ms, or 8 MiB of
-//! journal) a *checkpoint* on a thread of its own (`store-checkpoint`) applies the journal's
-//! records since the last one to redb in one transaction, runs the purges waiting for it, and
-//! commits durably; the journal then starts over (the next generation, in the other journal
+//! entry), then a snapshot of redb's last durable commit (which it skips for a fresh key
+//! that the caller's read found absent from the same snapshot: [`Absent`]). Every so often
+//! (100 ms, or 8 MiB of journal) a *checkpoint* on a thread of its own (`store-checkpoint`)
+//! applies the journal's records since the last one to redb in one transaction, runs the
+//! purges waiting for it, and commits durably; the journal then starts over (the next generation, in the other journal
 //! file: see [`journal`]). Meanwhile the writer goes on (up to
 //! [`EmbeddedOptions::max_staged_bytes`] of journal, then it waits for the checkpoint); once
 //! the checkpoint is on disk it reads those keys from redb again. The B-tree inserts and
@@ -391,13 +391,16 @@ impl View {
 
     /// The raw entry of a key, expired or not (see [`read`]), given `staged`, its
     /// [`View::staged`] (which the caller looks up first: a caller's read checks its batch).
+    /// The snapshot is not read if `absent` says a read of this one found nothing.
     fn entry(
         &self,
         key: &str,
         staged: Option<&Staged>,
+        absent: Absent,
     ) -> Result<Result<Option<Entry>, StoreError>, redb::Error> {
         match staged {
             Some(staged) => Ok(decode_staged(key, staged.entry.as_deref())),
+            None if absent == Some(self.epoch) => Ok(Ok(None)),
             None => match &self.snapshot {
                 Some(snapshot) => read(snapshot, key),
                 None => Ok(Err(StoreError::Closed)),
@@ -725,7 +728,7 @@ impl EmbeddedStore {
         if staged.is_some_and(|staged| staged.batch > self.shared.durable.load(Ordering::SeqCst)) {
             return Err(None);
         }
-        let current = match view.entry(&request.key, staged) {
+        let current = match view.entry(&request.key, staged, None) {
             Ok(Ok(Some(current))) => current,
             Ok(Ok(None)) if staged.is_none() => return Err(Some(view.epoch)),
             _ => return Err(None),
@@ -1457,21 +1460,19 @@ struct Tables<'t> {
 
 impl Tables<'_> {
     /// The raw entry of a key, expired or not (see [`read`]): this batch's change, the view's,
-    /// or redb's (not looked up if `absent` says the caller found none in this snapshot).
+    /// or redb's (see [`View::entry`] for `absent`).
     fn get(
         &self,
         key: &str,
         absent: Absent,
     ) -> Result<Result<Option<Entry>, StoreError>, redb::Error> {
-        if let Some(entry) = self.changes.get(key) {
-            return Ok(decode_staged(key, entry.as_deref()));
+        match self.changes.get(key) {
+            Some(entry) => Ok(decode_staged(key, entry.as_deref())),
+            None => {
+                let view = read_view(self.view);
+                view.entry(key, view.staged(key), absent)
+            }
         }
-        let view = read_view(self.view);
-        let staged = view.staged(key);
-        if staged.is_none() && absent == Some(view.epoch) {
-            return Ok(Ok(None)); // the caller's read of this snapshot found nothing
-        }
-        view.entry(key, staged)
     }
 }
 
