@@ -170,6 +170,28 @@ def backend_default_port():
     return int(m.group(1))
 
 
+def seconds(value):
+    """A duration as the kits write it: `20s`, `1m`, or a protobuf Duration's `20s`/`0.5s`."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|m|h)", value)
+    assert m, f"not a duration: {value!r}"
+    return float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+
+
+def backend_idle_close_s():
+    """How long the backend keeps a keep-alive connection idle before it closes it: its
+    --header-read-timeout (server/src/http.rs), as the deployments set it or by default."""
+    src = (ROOT / "server/src/config.rs").read_text()
+    m = re.search(r'env = "HEADER_READ_TIMEOUT", default_value = "([^"]+)"', src)
+    assert m, "server/src/config.rs: the default of --header-read-timeout"
+    default = seconds(m.group(1))
+    [container] = k8s_deployment()["spec"]["template"]["spec"]["containers"]
+    set_in = [
+        compose()["services"]["idempotency"].get("environment", {}).get("HEADER_READ_TIMEOUT"),
+        container_env(container).get("HEADER_READ_TIMEOUT", {}).get("value"),
+    ]
+    return min([default] + [seconds(v) for v in set_in if v is not None])
+
+
 # --- every file parses ------------------------------------------------------------------------
 
 KIT_FILES = sorted(
@@ -188,6 +210,7 @@ def test_there_are_kit_files():
         "envoy/istio/wasmplugin.yaml",
         "envoy/istio/service.yaml",
         "envoy/istio/serviceentry.yaml",
+        "envoy/istio/destinationrule.yaml",
         "deploy/kubernetes/deployment.yaml",
         "docker-compose.yml",
     ]:
@@ -708,6 +731,33 @@ SERVICEENTRY_SPEC = {
     "exportTo": [str],
     "subjectAltNames": [str],
 }
+DESTINATIONRULE_SPEC = {
+    "host": str,
+    "trafficPolicy": {
+        "loadBalancer": dict,
+        "connectionPool": {
+            "tcp": dict,
+            "http": {
+                "http1MaxPendingRequests": int,
+                "http2MaxRequests": int,
+                "maxRequestsPerConnection": int,
+                "maxRetries": int,
+                "idleTimeout": str,
+                "h2UpgradePolicy": {"DEFAULT", "DO_NOT_UPGRADE", "UPGRADE"},
+                "useClientProtocol": bool,
+                "maxConcurrentStreams": int,
+            },
+        },
+        "outlierDetection": dict,
+        "tls": dict,
+        "portLevelSettings": [dict],
+        "tunnel": dict,
+        "proxyProtocol": dict,
+    },
+    "subsets": [dict],
+    "exportTo": [str],
+    "workloadSelector": {"matchLabels": dict},
+}
 ENVOYFILTER_SPEC = {
     "workloadSelector": {"labels": dict},
     "targetRefs": [TARGET_REF],
@@ -980,3 +1030,36 @@ def test_the_readme_demo_commands_match_the_files(title, service, container_port
     assert any(m.group(2).startswith(p) for p in route_paths)
     assert "Idempotency-Key" in curls[0]
     assert "Idempotent-Replayed: true" in section
+
+
+def test_the_destinationrule_has_only_fields_of_networking_istio_io_v1():
+    [dr] = load_yaml_all("envoy/istio/destinationrule.yaml")
+    assert dr["apiVersion"] == "networking.istio.io/v1" and dr["kind"] == "DestinationRule"
+    check_fields(dr["spec"], DESTINATIONRULE_SPEC, "spec")
+    bad = copy.deepcopy(dr["spec"])
+    bad["trafficPolicy"]["connectionPool"]["http"]["idleTimout"] = "20s"
+    with pytest.raises(AssertionError):
+        check_fields(bad, DESTINATIONRULE_SPEC, "spec")
+
+
+# --- pooled calls -----------------------------------------------------------------------------
+
+
+def test_envoy_and_istio_retire_an_idle_backend_connection_before_the_backend_closes_it():
+    # Envoy pools the filter's calls on keep-alive connections (idle for an hour by default);
+    # a call sent on one the backend is closing comes back as a 503 "connection termination".
+    close = backend_idle_close_s()
+    doc = load_yaml("envoy/envoy.yaml")
+    bootstrap = envoy_bootstrap(doc)
+    [cluster] = [c for c in bootstrap.static_resources.clusters if c.name == envoy_config()["server"]["upstream"]]
+    options = cluster.typed_extension_protocol_options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    idle = options.unpack().common_http_protocol_options.idle_timeout.total_seconds()
+    assert 0 < idle <= close * 0.8, f"envoy.yaml: the backend cluster's idle_timeout {idle}s, the backend closes at {close}s"
+    # Istio: the DestinationRule of the host the WasmPlugin calls, in the WasmPlugin's namespace.
+    [dr] = load_yaml_all("envoy/istio/destinationrule.yaml")
+    wp = load_yaml("envoy/istio/wasmplugin.yaml")
+    assert dr["metadata"]["namespace"] == wp["metadata"]["namespace"]
+    assert istio_config()["server"]["upstream"].endswith("||" + dr["spec"]["host"])
+    idle = seconds(dr["spec"]["trafficPolicy"]["connectionPool"]["http"]["idleTimeout"])
+    assert 0 < idle <= close * 0.8, f"destinationrule.yaml: idleTimeout {idle}s, the backend closes at {close}s"
+    assert "destinationrule.yaml" in (ROOT / "envoy/istio/README.md").read_text()

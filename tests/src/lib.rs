@@ -58,7 +58,7 @@
 //! | --- | --- | --- | --- |
 //! | `dispatch_http_call` | request headers, request body, call response, tick; elsewhere traps (`dispatch failed: bad step`) | every phase | HOSTS.md (observed); ngx_http_proxy_wasm_dispatch.c |
 //! | dispatch upstream | `host:port` (no port → 80; a URL traps; names other than localhost/IPs: `resolver failure`) | a cluster name mapped by the test; unknown → BadArgument | HOSTS.md |
-//! | dispatch headers | no `:method`/`:path` traps; `:authority` → Host; new connection, `Connection: close`, Content-Length | `:method`, `:path`, `:authority` required (BadArgument) | dispatch.c; HOSTS.md |
+//! | dispatch headers | no `:method`/`:path` traps; `:authority` → Host; new connection, `Connection: close`, Content-Length | `:method`, `:path`, `:authority` required (BadArgument); a new connection per call here, where Envoy reuses pooled ones (not modelled: a pooled call can meet the backend's idle close, which the kits' `idle_timeout` avoids) | dispatch.c; HOSTS.md; Envoy's connection pooling docs |
 //! | dispatch time-out | 0 → 60 s (socket default) | 0 → none | HOSTS.md |
 //! | failed call | `on_http_call_response(0 headers)`, `:dispatch_status` = `timeout` / `broken connection` / `resolver failure` | refused → 503, time-out → 504 (router replies); reset after headers → 0 headers, `proxy_get_status` = (11, `reset`) | Kong/ngx_wasm_module#625; Envoy context.cc `onHttpCallFailure`, envoyproxy/envoy#27311 |
 //! | call in flight when its request ends | fatal violation: the worker crashes (see below) | cancelled silently | HOSTS.md (observed 3/3); Envoy cancels `http_request_` |
