@@ -162,16 +162,21 @@ def nginx_size(value):
     return int(m.group(1)) * {"": 1, "k": 1024, "m": 1024 * 1024}[m.group(2).lower()]
 
 
-def backend_default_port():
-    """The port of the server's default --listen (server/src/config.rs)."""
+def backend_default(env):
+    """The default of the server's setting read from `env` (server/src/config.rs)."""
     src = (ROOT / "server/src/config.rs").read_text()
-    m = re.search(r'env = "LISTEN_ADDR", default_value = "[^"]*:(\d+)"', src)
-    assert m, "server/src/config.rs: the default of --listen"
-    return int(m.group(1))
+    m = re.search(r'env = "' + env + r'", default_value = "([^"]*)"', src)
+    assert m, f"server/src/config.rs: the default of {env}"
+    return m.group(1)
+
+
+def backend_default_port():
+    """The port of the server's default --listen."""
+    return int(backend_default("LISTEN_ADDR").rsplit(":", 1)[1])
 
 
 def seconds(value):
-    """A duration as the kits write it: `20s`, `1m`, or a protobuf Duration's `20s`/`0.5s`."""
+    """A duration as the backend's settings and Istio write it: `20s`, `250ms`, `1m`, `0.5s`."""
     m = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|m|h)", value)
     assert m, f"not a duration: {value!r}"
     return float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[m.group(2)]
@@ -180,10 +185,7 @@ def seconds(value):
 def backend_idle_close_s():
     """How long the backend keeps a keep-alive connection idle before it closes it: its
     --header-read-timeout (server/src/http.rs), as the deployments set it or by default."""
-    src = (ROOT / "server/src/config.rs").read_text()
-    m = re.search(r'env = "HEADER_READ_TIMEOUT", default_value = "([^"]+)"', src)
-    assert m, "server/src/config.rs: the default of --header-read-timeout"
-    default = seconds(m.group(1))
+    default = seconds(backend_default("HEADER_READ_TIMEOUT"))
     [container] = k8s_deployment()["spec"]["template"]["spec"]["containers"]
     set_in = [
         compose()["services"]["idempotency"].get("environment", {}).get("HEADER_READ_TIMEOUT"),
