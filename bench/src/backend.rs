@@ -76,11 +76,14 @@ function request()
 end
 "#;
 
-/// The capture the cycle and the replays record: a 512-byte body and two headers.
-pub fn capture() -> serde_json::Value {
+/// The size of the body of [`capture`] in the suite.
+pub const BODY_BYTES: usize = 512;
+
+/// The capture the cycle and the replays record: a body of `body_bytes` and two headers.
+pub fn capture(body_bytes: usize) -> serde_json::Value {
     serde_json::json!({
         "response_status": 201,
-        "response_body": "x".repeat(512),
+        "response_body": "x".repeat(body_bytes),
         "response_headers": [
             { "key": "Content-Type", "value": "application/json" },
             { "key": "Location", "value": "/orders/42" }
@@ -110,7 +113,7 @@ impl Scenario {
             Scenario::Replay => REPLAY,
             Scenario::Cycle => CYCLE,
         };
-        let capture = format!("CAPTURE = [[{}]]\n", capture());
+        let capture = format!("CAPTURE = [[{}]]\n", capture(BODY_BYTES));
         format!("{capture}{COMMON}{body}")
     }
 }
@@ -297,10 +300,15 @@ fn replay_key(prefix: &str, i: usize) -> String {
     format!("{prefix}-{i:09}")
 }
 
-/// Records `keys` captures under `prefix` (what the replay scenario replays), 32 at a time,
-/// and returns the backend's three answers as bytes (202, record 200, replay 200) for the
-/// baseline.
-pub async fn seed(addr: SocketAddr, prefix: &str, keys: usize) -> anyhow::Result<[Vec<u8>; 3]> {
+/// Records `keys` captures of a `body_bytes` body under `prefix` (what the replay scenario
+/// replays), 32 at a time, and returns the backend's three answers as bytes (202, record 200,
+/// replay 200) for the baseline.
+pub async fn seed(
+    addr: SocketAddr,
+    prefix: &str,
+    keys: usize,
+    body_bytes: usize,
+) -> anyhow::Result<[Vec<u8>; 3]> {
     let mut tasks = tokio::task::JoinSet::new();
     for worker in 0..32 {
         let prefix = prefix.to_owned();
@@ -310,7 +318,8 @@ pub async fn seed(addr: SocketAddr, prefix: &str, keys: usize) -> anyhow::Result
                 let key = replay_key(&prefix, i);
                 let allocated = call(addr, "PUT", serde_json::json!({ "idempotency_key": key }));
                 let allocated = allocated.await?;
-                let recorded = serde_json::json!({ "idempotency_key": key, "response": capture() });
+                let recorded =
+                    serde_json::json!({ "idempotency_key": key, "response": capture(body_bytes) });
                 let recorded = call(addr, "POST", recorded).await?;
                 let replay = call(addr, "PUT", serde_json::json!({ "idempotency_key": key }));
                 answers = Some([allocated, recorded, replay.await?]);

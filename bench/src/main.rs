@@ -58,6 +58,10 @@ enum Cmd {
         seconds: u64,
         #[arg(long, default_value_os_t = std::env::temp_dir())]
         dir: PathBuf,
+        /// The size of the replayed captures' body: `x` repeated, which is canonical base64
+        /// (what the filter records) when a multiple of 4.
+        #[arg(long, default_value_t = backend::BODY_BYTES)]
+        body_bytes: usize,
         /// Allocations of fresh keys, or replays of 1,000 recorded keys.
         #[arg(value_enum)]
         scenario: Compared,
@@ -142,10 +146,11 @@ fn main() -> anyhow::Result<()> {
             runs,
             seconds,
             dir,
+            body_bytes,
             scenario,
             a,
             b,
-        } => runtime()?.block_on(ab(runs, seconds, dir, scenario, [a, b])),
+        } => runtime()?.block_on(ab(runs, seconds, dir, body_bytes, scenario, [a, b])),
     }
 }
 
@@ -209,7 +214,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     ];
     let mut answers = None;
     for server in &servers {
-        answers = Some(backend::seed(server.addr, &replay_prefix, replay_keys).await?);
+        answers = Some(
+            backend::seed(
+                server.addr,
+                &replay_prefix,
+                replay_keys,
+                backend::BODY_BYTES,
+            )
+            .await?,
+        );
     }
     let answers = answers.expect("servers were seeded");
     servers.push(backend::baseline(&dir, answers).await?);
@@ -287,6 +300,7 @@ async fn ab(
     runs: usize,
     seconds: u64,
     dir: PathBuf,
+    body_bytes: usize,
     scenario: Compared,
     builds: [PathBuf; 2],
 ) -> anyhow::Result<()> {
@@ -301,7 +315,7 @@ async fn ab(
     };
     if keys > 0 {
         for server in &servers {
-            backend::seed(server.addr, &replay_prefix, keys).await?;
+            backend::seed(server.addr, &replay_prefix, keys, body_bytes).await?;
         }
     }
     let wrk = backend::Wrk::new(seconds, 32)?;
