@@ -198,16 +198,12 @@ fn json_bytes(status: StatusCode, bytes: Vec<u8>) -> Response {
 /// the body. A string with nothing to escape is copied whole (the check below runs on whole
 /// blocks); any other goes through serde_json.
 fn replay_json(key: &str, capture: &spec::Capture) -> Vec<u8> {
-    let headers: usize = capture
-        .response_headers
-        .iter()
-        .map(|h| h.key.len() + h.value.values().map(|v| v.len() + 3).sum::<usize>() + 20)
-        .sum();
-    let mut out = Vec::with_capacity(96 + key.len() + capture.response_body.len() + headers);
+    // The key and the body, and room for the rest (a few headers) before the Vec must grow.
+    let mut out = Vec::with_capacity(key.len() + capture.response_body.len() + 256);
     out.extend_from_slice(b"{\"idempotency_key\":");
     json_string(&mut out, key);
     out.extend_from_slice(b",\"response\":{\"response_status\":");
-    out.extend_from_slice(capture.response_status.to_string().as_bytes());
+    serde_json::to_writer(&mut out, &capture.response_status).expect("a number always encodes");
     out.extend_from_slice(b",\"response_body\":");
     json_string(&mut out, &capture.response_body);
     out.extend_from_slice(b",\"response_headers\":[");
