@@ -48,7 +48,7 @@ enum Cmd {
         dir: PathBuf,
     },
     /// Two builds of the backend compared (a change measured, not a goal): each on the
-    /// embedded store, under `wrk -t1 -c32` in turn, with keep-alive; the medians of their
+    /// embedded store, under `wrk -t1 -c32` in turn, with keep-alive (or `--new-connection`); the medians of their
     /// requests per second and of their CPU time per request (user and system, from
     /// /proc/<pid>/stat).
     Ab {
@@ -62,6 +62,10 @@ enum Cmd {
         /// (what the filter records) when a multiple of 4.
         #[arg(long, default_value_t = backend::BODY_BYTES)]
         body_bytes: usize,
+        /// A new connection per request (`Connection: close`), as ngx_wasm_module makes its
+        /// calls, instead of keep-alive.
+        #[arg(long)]
+        new_connection: bool,
         /// Allocations of fresh keys, or replays of 1,000 recorded keys.
         #[arg(value_enum)]
         scenario: Compared,
@@ -71,6 +75,15 @@ enum Cmd {
         /// The other build.
         b: PathBuf,
     },
+}
+
+/// What `ab` measures, from its command line.
+struct Compare {
+    runs: usize,
+    seconds: u64,
+    body_bytes: usize,
+    new_connection: bool,
+    scenario: Compared,
 }
 
 /// What `ab` runs.
@@ -147,10 +160,21 @@ fn main() -> anyhow::Result<()> {
             seconds,
             dir,
             body_bytes,
+            new_connection,
             scenario,
             a,
             b,
-        } => runtime()?.block_on(ab(runs, seconds, dir, body_bytes, scenario, [a, b])),
+        } => runtime()?.block_on(ab(
+            Compare {
+                runs,
+                seconds,
+                body_bytes,
+                new_connection,
+                scenario,
+            },
+            dir,
+            [a, b],
+        )),
     }
 }
 
@@ -296,14 +320,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
 /// Alternating runs of `scenario` against the two builds, a line per run, then the medians
 /// and their ratios (B over A). CPU time per request is the steadier figure on a machine
 /// whose disk moves the rate several-fold between runs.
-async fn ab(
-    runs: usize,
-    seconds: u64,
-    dir: PathBuf,
-    body_bytes: usize,
-    scenario: Compared,
-    builds: [PathBuf; 2],
-) -> anyhow::Result<()> {
+async fn ab(compare: Compare, dir: PathBuf, builds: [PathBuf; 2]) -> anyhow::Result<()> {
+    let Compare {
+        runs,
+        seconds,
+        body_bytes,
+        new_connection,
+        scenario,
+    } = compare;
     let servers = [
         backend::embedded_build(&dir, &builds[0], "A").await?,
         backend::embedded_build(&dir, &builds[1], "B").await?,
@@ -329,7 +353,9 @@ async fn ab(
                 _ => format!("{replay_prefix}x{i}{}", server.name),
             };
             let before = backend::cpu_seconds(server.pid())?;
-            let run = wrk.run(server.addr, scenario, false, &prefix, keys).await?;
+            let run = wrk
+                .run(server.addr, scenario, new_connection, &prefix, keys)
+                .await?;
             let used = backend::cpu_seconds(server.pid())? - before;
             anyhow::ensure!(
                 run.requests > 0 && run.errors == 0,
