@@ -293,8 +293,8 @@ impl Report<'_> {
             out,
             "## The filter\n\nIn the test host (`idempotency-tests`), against the release backend; the floor is a no-op proxy-wasm filter \
              (`tests/noop`: every callback the SDK's default) in the same host, mode and request.\n\n\
-             ### Fuel (Wasm instructions) per request\n\nRequest and response bodies of the size given; on Kong (ngx) the record \
-             sent from the tick is added to the first request.\n\n\
+             ### Fuel (Wasm instructions) per request\n\nRequest and response bodies of the size given, keys of 36 characters (a UUID, \
+             as clients send them); on Kong (ngx) the record sent from the tick is added to the first request.\n\n\
              | mode | body | no-op filter | no key | first | replay | conflict |\n| --- | --- | --- | --- | --- | --- | --- |"
         );
         for r in self.fuel {
