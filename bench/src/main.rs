@@ -48,9 +48,9 @@ enum Cmd {
         dir: PathBuf,
     },
     /// Two builds of the backend compared (a change measured, not a goal): each on the
-    /// embedded store, under `wrk -t1 -c32` in turn, with keep-alive (or `--new-connection`); the medians of their
-    /// requests per second and of their CPU time per request (user and system, from
-    /// /proc/<pid>/stat).
+    /// embedded store, under `wrk -t1 -c32` in turn, with keep-alive (or `--new-connection`);
+    /// the medians of their requests per second and of their CPU time per request (user and
+    /// system, from /proc/<pid>/stat).
     Ab {
         #[arg(long, default_value_t = 8)]
         runs: usize,
@@ -75,15 +75,6 @@ enum Cmd {
         /// The other build.
         b: PathBuf,
     },
-}
-
-/// What `ab` measures, from its command line.
-struct Compare {
-    runs: usize,
-    seconds: u64,
-    body_bytes: usize,
-    new_connection: bool,
-    scenario: Compared,
 }
 
 /// What `ab` runs.
@@ -165,14 +156,12 @@ fn main() -> anyhow::Result<()> {
             a,
             b,
         } => runtime()?.block_on(ab(
-            Compare {
-                runs,
-                seconds,
-                body_bytes,
-                new_connection,
-                scenario,
-            },
+            runs,
+            seconds,
             dir,
+            body_bytes,
+            new_connection,
+            scenario,
             [a, b],
         )),
     }
@@ -320,14 +309,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
 /// Alternating runs of `scenario` against the two builds, a line per run, then the medians
 /// and their ratios (B over A). CPU time per request is the steadier figure on a machine
 /// whose disk moves the rate several-fold between runs.
-async fn ab(compare: Compare, dir: PathBuf, builds: [PathBuf; 2]) -> anyhow::Result<()> {
-    let Compare {
-        runs,
-        seconds,
-        body_bytes,
-        new_connection,
-        scenario,
-    } = compare;
+async fn ab(
+    runs: usize,
+    seconds: u64,
+    dir: PathBuf,
+    body_bytes: usize,
+    new_connection: bool,
+    scenario: Compared,
+    builds: [PathBuf; 2],
+) -> anyhow::Result<()> {
     let servers = [
         backend::embedded_build(&dir, &builds[0], "A").await?,
         backend::embedded_build(&dir, &builds[1], "B").await?,
