@@ -101,7 +101,7 @@ pub struct FuelRow {
 /// The key of the fuel rows' `n`th keyed request: shaped like a UUID, the key clients send,
 /// and always 36 characters. The filter checks, copies, hashes and writes the key into its
 /// calls, so its length is part of the figure: keys that carried the suite's pid moved it by
-/// a few hundred instructions from run to run (bench/limits.md, Fuel).
+/// a few hundred instructions from run to run (bench/experiments.md, Fuel).
 fn fuel_key(mode: Mode, size: usize, n: u32) -> String {
     let mode = match mode {
         Mode::Ngx => 1,

@@ -194,7 +194,7 @@ fn json_bytes(status: StatusCode, bytes: Vec<u8>) -> Response {
 /// A replay's answer: byte for byte what `json` writes for a [`spec::CaptureRecord`] without
 /// a lease token, but written here. serde_json looks at each byte of a string for one to
 /// escape, and for the body, which is base64 (never escaped) and most of the answer, that
-/// loop was the largest single cost of a replay in a profile (bench/limits.md), growing with
+/// loop was the largest single cost of a replay in a profile (bench/experiments.md), growing with
 /// the body. A string with nothing to escape is copied whole (the check below runs on whole
 /// blocks); any other goes through serde_json.
 fn replay_json(key: &str, capture: &spec::Capture) -> Vec<u8> {

@@ -37,7 +37,7 @@
 //! redb's commit are then paid once per checkpoint, off the writer, whose cycle (apply,
 //! journal, sync, answer) is what bounds the rate of durable allocations: this gave 8–19 % more allocations per second than the
 //! writer committing each batch to redb itself, without a sync, in four series of alternating
-//! `wrk` runs at 32 connections (1 % in a fifth), and 5 % more replays (bench/limits.md). At
+//! `wrk` runs at 32 connections (1 % in a fifth), and 5 % more replays (bench/experiments.md). At
 //! open, redb comes back at its last durable commit and the journal's records after it are
 //! applied again, those of a checkpoint that did not land included.
 //!
