@@ -193,6 +193,51 @@ pub async fn fuel(
     })
 }
 
+/// Where the fixed part of a keyed request's fuel goes: a flame graph (SVG) of `n` first
+/// keyed requests with empty bodies on Kong (their records, sent from the tick, included),
+/// per function of the module, through a build of it that keeps its functions' names (the
+/// same code: the same fuel). Exact counts, not samples (`idempotency_tests::profile`).
+pub async fn flame(backend: SocketAddr, n: u32) -> anyhow::Result<String> {
+    let mode = Mode::Ngx;
+    let module = build::wasm_with_names("idempotency");
+    let api = Upstream::start().await;
+    api.reply(
+        "/orders",
+        Reply::new(201).header("content-type", "application/octet-stream"),
+    );
+    // Only this host's instance is profiled: the switch is on while it is made.
+    idempotency_tests::profile::set_enabled(true);
+    let t = host(mode, &module, &api, backend, "auto").await;
+    let profiled = async {
+        let t = t?;
+        // The instance's first request (its host detected) is not counted, as in the rows.
+        anyhow::ensure!(send(&t, Some(&fuel_key(mode, 0, 0)), b"").await? == 201);
+        t.settle().await;
+        t.advance(TICK).await;
+        t.settle().await;
+        idempotency_tests::profile::reset();
+        for i in 1..=n {
+            anyhow::ensure!(send(&t, Some(&fuel_key(mode, 0, i)), b"").await? == 201);
+            t.settle().await;
+            t.advance(TICK).await;
+            t.settle().await;
+        }
+        let folded = idempotency_tests::profile::folded();
+        t.finish().await;
+        Ok(folded)
+    }
+    .await;
+    idempotency_tests::profile::set_enabled(false);
+    let title = format!(
+        "idempotency.wasm on Kong (ngx): {n} first keyed requests with empty bodies, their records included"
+    );
+    Ok(idempotency_tests::flame::svg(
+        &profiled?,
+        &title,
+        "instructions",
+    ))
+}
+
 /// The resident memory of this process.
 fn rss() -> anyhow::Result<u64> {
     crate::backend::rss(std::process::id())

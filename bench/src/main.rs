@@ -1,5 +1,6 @@
 //! The performance suite (README, Performance): every figure against a bare baseline measured
-//! in the same run, medians of several runs, written to `BENCHMARKS.md` with a PNG plot.
+//! in the same run, medians of several runs, written to `BENCHMARKS.md` with a PNG plot and a
+//! flame graph (SVG) of the filter's fuel.
 //!
 //! ```sh
 //! scripts/bench            # installs what is missing, builds, runs everything (~12 min)
@@ -167,6 +168,10 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// The first keyed requests drawn in the fuel's flame graph: several, so that work done once
+/// for all of them (the deferred queue's buffer growing) is a sliver of it.
+const FLAME_REQUESTS: u32 = 20;
+
 /// The whole paths measured: each host mode with its `record` setting. Kong can only defer
 /// (no dispatch from response phases); Envoy defers too when told, and holds the end of the
 /// response until the capture is stored by default (`auto`: inline), which the goal's path (a
@@ -201,6 +206,15 @@ async fn path(runs: usize, seconds: f64, dir: PathBuf) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// A file written next to the report: `BENCHMARKS.md` → `BENCHMARKS-<suffix>`.
+fn beside(report: &std::path::Path, suffix: &str) -> PathBuf {
+    let stem = report
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("BENCHMARKS");
+    report.with_file_name(format!("{stem}-{suffix}"))
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
@@ -248,13 +262,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     eprintln!("embedded store alone: concurrency 1 to 256");
     let sweep = store::sweep(&dir, args.runs, 1.0).await?;
-    let plot = args.out.with_file_name(format!(
-        "{}-store.png",
-        args.out
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .unwrap_or("BENCHMARKS")
-    ));
+    let plot = beside(&args.out, "store.png");
     store::plot(&sweep, &plot, font)?;
 
     eprintln!("filter: building idempotency.wasm and the no-op filter");
@@ -269,6 +277,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         memory.push(filter::memory(mode, &wasm, backend.addr, args.runs).await?);
     }
+    eprintln!("  where a keyed request's fuel goes: a flame graph");
+    let flame = beside(&args.out, "fuel.svg");
+    std::fs::write(&flame, filter::flame(backend.addr, FLAME_REQUESTS).await?)?;
     for (mode, record) in PATHS {
         eprintln!("  whole path, {mode}, record: {record}");
         latency.push(
@@ -291,6 +302,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         disk: &disk,
         sweep: &sweep,
         plot: &plot,
+        flame: &flame,
         fuel: &fuel,
         memory: &memory,
         latency: &latency,
@@ -298,9 +310,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     std::fs::write(&args.out, report.render())?;
     eprintln!(
-        "wrote {} and {} in {:.1} min",
+        "wrote {}, {} and {} in {:.1} min",
         args.out.display(),
         plot.display(),
+        flame.display(),
         started.elapsed().as_secs_f64() / 60.0
     );
     Ok(())

@@ -18,6 +18,8 @@ pub struct Report<'a> {
     pub disk: &'a Disk,
     pub sweep: &'a Sweep,
     pub plot: &'a Path,
+    /// The flame graph of a keyed request's fixed part (`filter::flame`).
+    pub flame: &'a Path,
     pub fuel: &'a [FuelRow],
     pub memory: &'a [Memory],
     pub latency: &'a [Latency],
@@ -327,6 +329,18 @@ impl Report<'_> {
                 );
             }
         }
+        let _ = writeln!(
+            out,
+            "\nWhere the fixed part goes, per function of the module, as a flame graph (each box as wide as its share of the \
+             instructions, the functions it called stacked on it; hover a box for its count): [{flame}]({flame}), first keyed requests \
+             with empty bodies on Kong, their records from the tick included, counted exactly by the test host \
+             (`idempotency_tests::profile`) on a build of the module that keeps its functions' names. \
+             `IDEMPOTENCY_PROFILE_SVG` on the fuel example draws the same for both modes (README, Filter, Benchmarks).",
+            flame = self
+                .flame
+                .file_name()
+                .map_or(String::new(), |n| n.to_string_lossy().into_owned())
+        );
         let _ = writeln!(
             out,
             "\n### Memory per request in flight\n\n{} requests held in the upstream after their allocation (1 KiB bodies), per request. \

@@ -18,8 +18,9 @@
 //!
 //! With `IDEMPOTENCY_HOST_PROFILE=<n>` it sends instead `n` first requests (1 KiB bodies, or
 //! `IDEMPOTENCY_PROFILE_BODY` bytes) per mode and prints where their instructions went, by
-//! guest function (`idempotency_tests::profile`; build the module with
-//! `CARGO_PROFILE_WASM_STRIP=false` for the names).
+//! guest function (`idempotency_tests::profile`, on a build of the module that keeps its
+//! functions' names); with `IDEMPOTENCY_PROFILE_SVG=<dir>` also draws them as flame graphs,
+//! `<dir>/fuel-ngx.svg` and `<dir>/fuel-envoy.svg`.
 
 #[path = "../tests/filter/support.rs"]
 #[allow(unused_macros, unused_imports)]
@@ -159,6 +160,17 @@ async fn profile(mode: Mode, n: usize) {
         "\n{mode}: {n} first requests\n{}",
         idempotency_tests::profile::report(60)
     );
+    if let Some(dir) = std::env::var_os("IDEMPOTENCY_PROFILE_SVG") {
+        let path = std::path::Path::new(&dir).join(format!("fuel-{mode}.svg"));
+        let title = format!("idempotency.wasm, {mode}: {n} first requests of {size} bytes");
+        let svg = idempotency_tests::flame::svg(
+            &idempotency_tests::profile::folded(),
+            &title,
+            "instructions",
+        );
+        std::fs::write(&path, svg).unwrap();
+        println!("wrote {}", path.display());
+    }
     t.finish().await;
 }
 

@@ -1,7 +1,8 @@
 //! Building Wasm modules for tests: `cargo build -p <package> --target wasm32-wasip1
 //! --profile wasm` into its own target directory (`<workspace>/target/wasm-tests`), so
 //! it never waits on the build lock of the cargo that runs the tests. Once per package
-//! per test binary.
+//! per test binary. A copy that keeps its functions' names, for profiles, is built into
+//! another (`target/wasm-names`), so that neither build undoes the other.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -24,13 +25,23 @@ fn cells() -> &'static Mutex<HashMap<String, Arc<OnceLock<PathBuf>>>> {
 /// Builds a workspace package for wasm32-wasip1 and returns its `.wasm` (the cdylib
 /// `<package with - as _>.wasm`). Panics with the build output if it fails.
 pub fn wasm(package: &str) -> PathBuf {
+    built(package, false)
+}
+
+/// [`wasm`] with the module's `name` section kept (the `wasm` profile strips it), so that a
+/// profile names the functions. The same code: only the names differ.
+pub fn wasm_with_names(package: &str) -> PathBuf {
+    built(package, true)
+}
+
+fn built(package: &str, names: bool) -> PathBuf {
     let cell = cells()
         .lock()
         .unwrap()
-        .entry(package.to_string())
+        .entry(format!("{package} {names}"))
         .or_default()
         .clone();
-    cell.get_or_init(|| build(package)).clone()
+    cell.get_or_init(|| build(package, names)).clone()
 }
 
 /// The fixture filter (`tests/fixture`).
@@ -38,9 +49,11 @@ pub fn fixture() -> PathBuf {
     wasm("host-fixture")
 }
 
-fn build(package: &str) -> PathBuf {
+fn build(package: &str, names: bool) -> PathBuf {
     let root = workspace();
-    let target_dir = root.join("target").join("wasm-tests");
+    let target_dir = root
+        .join("target")
+        .join(if names { "wasm-names" } else { "wasm-tests" });
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let sysroot = Command::new("rustc")
         .args(["--print", "sysroot"])
@@ -58,7 +71,11 @@ fn build(package: &str) -> PathBuf {
             "the wasm32-wasip1 target is not installed for {sysroot}: run `rustup target add wasm32-wasip1`"
         );
     }
-    let output = Command::new(cargo)
+    let mut command = Command::new(cargo);
+    if names {
+        command.env("CARGO_PROFILE_WASM_STRIP", "false");
+    }
+    let output = command
         .args([
             "build",
             "--quiet",

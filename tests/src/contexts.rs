@@ -239,6 +239,8 @@ pub struct Vm {
     pub trapped: bool,
     /// Which instance this is (1, 2, … after resets).
     pub generation: u64,
+    /// Its calls are counted by [`crate::profile`] (an engine with epoch checks).
+    profiled: bool,
 }
 
 /// Compiles a module and checks its imports against what the host provides.
@@ -272,17 +274,19 @@ pub fn compile(engine: &Engine, bytes: &[u8]) -> Result<Module> {
 }
 
 impl Vm {
-    /// Instantiates the module and runs `_initialize` (not the root context yet).
+    /// Instantiates the module and runs `_initialize` (not the root context yet). `profiled`:
+    /// the engine checks epochs, and the instance's calls are counted by [`crate::profile`].
     pub fn instantiate(
         engine: &Engine,
         linker: &Linker<World>,
         module: &Module,
         world: World,
         generation: u64,
+        profiled: bool,
     ) -> Result<Vm> {
         let mut store = Store::new(engine, world);
         store.set_fuel(u64::MAX).map_err(|e| anyhow!("{e:#}"))?;
-        if crate::profile::enabled() {
+        if profiled {
             crate::profile::attach(&mut store);
         }
         let instance: Instance = linker
@@ -313,6 +317,7 @@ impl Vm {
             exports,
             trapped: false,
             generation,
+            profiled,
         };
         if let Ok(init) = instance.get_typed_func::<(), ()>(&mut vm.store, "_initialize") {
             vm.run(None, Phase::VmStart, |s| init.call(s, ()))
@@ -342,11 +347,11 @@ impl Vm {
             world.phase = phase;
         }
         let before = self.store.get_fuel().unwrap_or(0);
-        if crate::profile::enabled() {
+        if self.profiled {
             crate::profile::enter(phase.name(), before);
         }
         let result = call(&mut self.store);
-        if crate::profile::enabled() {
+        if self.profiled {
             crate::profile::leave(self.store.get_fuel().unwrap_or(0));
         }
         let used = before.saturating_sub(self.store.get_fuel().unwrap_or(0));

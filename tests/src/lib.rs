@@ -23,7 +23,8 @@
 //! | [`secrets`] | the keys, tokens and bodies a test sent, looked for in the filter's and the backend's logs |
 //! | [`connections`] | ngx: the worker's `worker_connections` slots, and the ones root calls leak |
 //! | [`observed`] | logs, metrics, shared data, fuel, violations (survive an ngx reset) |
-//! | [`profile`] | a profiling aid: the guest's fuel counted per function (`IDEMPOTENCY_HOST_PROFILE`) |
+//! | [`profile`] | a profiling aid: the guest's fuel counted per function and per stack (`IDEMPOTENCY_HOST_PROFILE`) |
+//! | [`flame`] | a flame graph (SVG) of those stacks |
 //! | [`exposition`] | the filter's metrics as each host exports them: Kong's Prometheus plugin (`pw_<filter>_<name>`), Envoy's `/stats` (`wasmcustom.<name>`) and `/stats/prometheus` |
 //! | [`upstream`] | the counting upstream (the API behind the gateway), and a port that refuses connections |
 //! | [`client`] | a small HTTP/1.1 client (status, reason, repeated headers, bytes) |
@@ -219,6 +220,7 @@ pub mod connections;
 pub mod contexts;
 pub mod dispatch;
 pub mod exposition;
+pub mod flame;
 pub mod host;
 pub mod hostcalls;
 pub mod observed;

@@ -1,6 +1,8 @@
 //! A profile of the guest: which of the module's functions its instructions (fuel) are spent
 //! in. A profiling aid, off unless `IDEMPOTENCY_HOST_PROFILE` is set (the fuel example then
-//! prints it); a module built with `CARGO_PROFILE_WASM_STRIP=false` keeps the names.
+//! prints it) or [`set_enabled`] turns it on (the benchmark suite's flame graph); a module
+//! built with names ([`crate::build::wasm_with_names`]) gives them, else function numbers.
+//! [`folded`] gives the same counts per stack, which [`crate::flame`] draws.
 //!
 //! wasmtime checks an *epoch* deadline at every function entry and loop header; with the
 //! deadline at the current epoch every check calls back, and the callback reads the store's
@@ -10,9 +12,10 @@
 //! flushed to the store at calls and returns, so the work a function does after a callee
 //! returns is counted with that callee: a small blur, at the edges of calls.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use wasmtime::{Store, UpdateDeadline, WasmBacktrace};
 
@@ -27,7 +30,9 @@ struct Profile {
     by_caller: HashMap<(String, String), u64>,
     /// Per function, how many checks it had at each offset in its body: those at the smallest
     /// are its entries (a call), the others loop headers.
-    checks: HashMap<String, std::collections::BTreeMap<usize, u64>>,
+    checks: HashMap<String, BTreeMap<usize, u64>>,
+    /// Per stack, outermost first and joined by `;`: fuel with that stack.
+    by_stack: HashMap<String, u64>,
     /// The fuel left and the stack at the last check.
     last_fuel: u64,
     last_stack: Vec<String>,
@@ -41,6 +46,14 @@ impl Profile {
             return;
         }
         self.total += burnt;
+        // `;` separates frames in the folded format: one inside a name (`[u8; 32]`) becomes `,`.
+        let stack: Vec<String> = self
+            .last_stack
+            .iter()
+            .rev()
+            .map(|f| f.replace(';', ","))
+            .collect();
+        *self.by_stack.entry(stack.join(";")).or_default() += burnt;
         if let Some(top) = self.last_stack.first() {
             let caller = self.last_stack.get(1).cloned().unwrap_or_default();
             *self.by_caller.entry((top.clone(), caller)).or_default() += burnt;
@@ -61,11 +74,22 @@ impl Profile {
 
 static PROFILE: Mutex<Option<Profile>> = Mutex::new(None);
 
-/// Whether the profile is on (`IDEMPOTENCY_HOST_PROFILE` set), read once: it is asked around
-/// every call into the guest.
+/// Turned on by [`set_enabled`]; the environment variable is read once.
+static SWITCH: AtomicBool = AtomicBool::new(false);
+
+/// Whether the profile is on (`IDEMPOTENCY_HOST_PROFILE` set, or [`set_enabled`]): asked when
+/// a host is made, whose instances are then profiled for their life (on an engine of their
+/// own, with the epoch checks) and the others never.
 pub fn enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var_os("IDEMPOTENCY_HOST_PROFILE").is_some())
+    static ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    SWITCH.load(Ordering::Relaxed)
+        || *ENV.get_or_init(|| std::env::var_os("IDEMPOTENCY_HOST_PROFILE").is_some())
+}
+
+/// Turns the profile on or off for the hosts made from now on, whatever the environment
+/// says: for a process that profiles one host among others.
+pub fn set_enabled(on: bool) {
+    SWITCH.store(on, Ordering::Relaxed);
 }
 
 /// Makes `store` call back at every epoch check.
@@ -153,6 +177,22 @@ pub fn report(top: usize) -> String {
     pairs.sort_by(|a, b| b.1.cmp(a.1));
     for ((name, caller), own) in pairs.iter().take(top) {
         let _ = writeln!(out, "{own:>8}  {name}  <-  {caller}");
+    }
+    out
+}
+
+/// The counts per stack in the folded format of flame graph tools (Brendan Gregg's
+/// `flamegraph.pl`, inferno, speedscope): a line per stack, its frames outermost first joined
+/// by `;`, a space, the fuel; sorted by stack.
+pub fn folded() -> String {
+    let guard = PROFILE.lock().unwrap();
+    let Some(p) = guard.as_ref() else {
+        return String::new();
+    };
+    let sorted: BTreeMap<&String, &u64> = p.by_stack.iter().collect();
+    let mut out = String::new();
+    for (stack, fuel) in sorted {
+        let _ = writeln!(out, "{stack} {fuel}");
     }
     out
 }

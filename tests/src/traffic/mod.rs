@@ -101,6 +101,8 @@ struct Req {
 pub struct Worker {
     opts: Arc<HostOptions>,
     mode: Mode,
+    /// Counted by [`crate::profile`]: the profile was on when the worker was made.
+    profiled: bool,
     engine: Engine,
     linker: Linker<World>,
     module: Module,
@@ -139,11 +141,14 @@ impl Worker {
         runtime: tokio::runtime::Handle,
         slots: Arc<Slots>,
     ) -> Result<Worker> {
-        let engine = engine()?;
+        // Decided once per worker: its instances after a reset are profiled like the first.
+        let profiled = crate::profile::enabled();
+        let engine = engine(profiled)?;
         let mut linker = Linker::new(&engine);
         crate::hostcalls::link(&mut linker)?;
-        let module = compiled(&engine, bytes)?;
+        let module = compiled(&engine, profiled, bytes)?;
         let mut worker = Worker {
+            profiled,
             mode: opts.mode,
             now_ns: opts.start_time_ns,
             opts,
@@ -194,6 +199,7 @@ impl Worker {
             &self.module,
             world,
             self.generation,
+            self.profiled,
         )?;
         let started = vm.start_root();
         self.vm = Some(vm);
@@ -700,10 +706,13 @@ fn next_chunk(
     Some(chunk)
 }
 
-/// One engine per process (fuel on): compiled modules are shared between hosts.
-fn engine() -> Result<Engine> {
-    static ENGINE: std::sync::OnceLock<Engine> = std::sync::OnceLock::new();
-    if let Some(e) = ENGINE.get() {
+/// One engine per process (fuel on), and one more for profiled hosts (epoch checks, which
+/// every store of that engine must answer): compiled modules are shared between hosts.
+fn engine(profiled: bool) -> Result<Engine> {
+    static ENGINES: [std::sync::OnceLock<Engine>; 2] =
+        [std::sync::OnceLock::new(), std::sync::OnceLock::new()];
+    let cell = &ENGINES[usize::from(profiled)];
+    if let Some(e) = cell.get() {
         return Ok(e.clone());
     }
     let mut config = Config::new();
@@ -713,19 +722,21 @@ fn engine() -> Result<Engine> {
     if std::env::var_os("IDEMPOTENCY_HOST_PERFMAP").is_some() {
         config.profiler(wasmtime::ProfilingStrategy::PerfMap);
     }
-    // Another: a sampling profile of the guest's functions (`crate::profile`).
-    if crate::profile::enabled() {
+    // Another: the fuel of the guest's functions counted per stack (`crate::profile`).
+    if profiled {
         config.epoch_interruption(true);
     }
     let engine = Engine::new(&config).map_err(|e| anyhow::anyhow!("{e:#}"))?;
-    Ok(ENGINE.get_or_init(|| engine).clone())
+    Ok(cell.get_or_init(|| engine).clone())
 }
 
-/// Compiles a module once per process (Cranelift is slow in a debug build of the tests).
-fn compiled(engine: &Engine, bytes: &[u8]) -> Result<Module> {
-    static CACHE: std::sync::OnceLock<Mutex<HashMap<Vec<u8>, Module>>> = std::sync::OnceLock::new();
+/// Compiles a module once per process and engine (Cranelift is slow in a debug build of the
+/// tests).
+fn compiled(engine: &Engine, profiled: bool, bytes: &[u8]) -> Result<Module> {
+    type Cache = Mutex<HashMap<(bool, Vec<u8>), Module>>;
+    static CACHE: std::sync::OnceLock<Cache> = std::sync::OnceLock::new();
     let cache = CACHE.get_or_init(Default::default);
-    let key = bytes.to_vec();
+    let key = (profiled, bytes.to_vec());
     if let Some(m) = cache.lock().unwrap().get(&key) {
         return Ok(m.clone());
     }

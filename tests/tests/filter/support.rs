@@ -258,9 +258,14 @@ impl Setup {
     }
 }
 
-/// The release build of the product filter.
+/// The release build of the product filter; with its functions' names while the profile is on
+/// (the same code: only the names differ).
 pub fn filter_wasm() -> PathBuf {
-    build::wasm("idempotency")
+    if idempotency_tests::profile::enabled() {
+        build::wasm_with_names("idempotency")
+    } else {
+        build::wasm("idempotency")
+    }
 }
 
 /// One end-to-end set-up: the filter in a host of `mode`, the backend, the upstream API.
