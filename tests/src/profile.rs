@@ -2,7 +2,8 @@
 //! in. A profiling aid, off unless `IDEMPOTENCY_HOST_PROFILE` is set (the fuel example then
 //! prints it) or [`set_enabled`] turns it on (the benchmark suite's flame graph); a module
 //! built with names ([`crate::build::wasm_with_names`]) gives them, else function numbers.
-//! [`folded`] gives the same counts per stack, which [`crate::flame`] draws.
+//! The counts are kept per stack: [`report`] sums them per function and per caller, [`folded`]
+//! lists them for [`crate::flame`] to draw.
 //!
 //! wasmtime checks an *epoch* deadline at every function entry and loop header; with the
 //! deadline at the current epoch every check calls back, and the callback reads the store's
@@ -23,16 +24,12 @@ use crate::contexts::World;
 
 #[derive(Default)]
 struct Profile {
-    total: u64,
-    /// Per function: (fuel with it on top of the stack, fuel with it anywhere on the stack).
-    by_function: HashMap<String, (u64, u64)>,
-    /// Per (function, its caller): fuel with that function on top of the stack.
-    by_caller: HashMap<(String, String), u64>,
+    /// Per stack, innermost frame first: the fuel burnt with that stack. The per-function
+    /// and per-caller tables of [`report`] and the folded stacks of [`folded`] are read off it.
+    by_stack: HashMap<Vec<String>, u64>,
     /// Per function, how many checks it had at each offset in its body: those at the smallest
     /// are its entries (a call), the others loop headers.
     checks: HashMap<String, BTreeMap<usize, u64>>,
-    /// Per stack, outermost first and joined by `;`: fuel with that stack.
-    by_stack: HashMap<String, u64>,
     /// The fuel left and the stack at the last check.
     last_fuel: u64,
     last_stack: Vec<String>,
@@ -45,30 +42,7 @@ impl Profile {
         if burnt == 0 {
             return;
         }
-        self.total += burnt;
-        // `;` separates frames in the folded format: one inside a name (`[u8; 32]`) becomes `,`.
-        let stack: Vec<String> = self
-            .last_stack
-            .iter()
-            .rev()
-            .map(|f| f.replace(';', ","))
-            .collect();
-        *self.by_stack.entry(stack.join(";")).or_default() += burnt;
-        if let Some(top) = self.last_stack.first() {
-            let caller = self.last_stack.get(1).cloned().unwrap_or_default();
-            *self.by_caller.entry((top.clone(), caller)).or_default() += burnt;
-        }
-        let mut seen = HashSet::new();
-        for (i, name) in self.last_stack.iter().enumerate() {
-            let first = seen.insert(name);
-            let entry = self.by_function.entry(name.clone()).or_default();
-            if i == 0 {
-                entry.0 += burnt;
-            }
-            if first {
-                entry.1 += burnt;
-            }
-        }
+        *self.by_stack.entry(self.last_stack.clone()).or_default() += burnt;
     }
 }
 
@@ -152,17 +126,35 @@ pub fn report(top: usize) -> String {
     let Some(p) = guard.as_ref() else {
         return "no profile (IDEMPOTENCY_HOST_PROFILE is not set)\n".into();
     };
-    let mut rows: Vec<_> = p.by_function.iter().collect();
+    // Per function: (fuel with it on top of the stack, fuel with it anywhere on it, once
+    // however often it recurs); per (function, its caller): fuel with that function on top.
+    let mut by_function: HashMap<&str, (u64, u64)> = HashMap::new();
+    let mut by_caller: HashMap<(&str, &str), u64> = HashMap::new();
+    for (stack, &burnt) in &p.by_stack {
+        if let Some(top) = stack.first() {
+            let caller = stack.get(1).map_or("", String::as_str);
+            *by_caller.entry((top, caller)).or_default() += burnt;
+        }
+        let mut seen = HashSet::new();
+        for (i, name) in stack.iter().enumerate() {
+            let entry = by_function.entry(name).or_default();
+            if i == 0 {
+                entry.0 += burnt;
+            }
+            if seen.insert(name) {
+                entry.1 += burnt;
+            }
+        }
+    }
+    let total: u64 = p.by_stack.values().sum();
+    let mut rows: Vec<_> = by_function.into_iter().collect();
     let calls = |name: &str| {
         p.checks
             .get(name)
             .and_then(|c| c.values().next().copied())
             .unwrap_or(0)
     };
-    let mut out = format!(
-        "{} fuel in all\n    self   total    calls  function\n",
-        p.total
-    );
+    let mut out = format!("{total} fuel in all\n    self   total    calls  function\n");
     rows.sort_by(|a, b| b.1.0.cmp(&a.1.0).then(b.1.1.cmp(&a.1.1)));
     for (name, (own, all)) in rows.iter().take(top) {
         let _ = writeln!(out, "{own:>8} {all:>8} {:>8}  {name}", calls(name));
@@ -173,8 +165,8 @@ pub fn report(top: usize) -> String {
         let _ = writeln!(out, "{own:>8} {all:>8}  {name}");
     }
     out.push_str("\nself, by caller:\n");
-    let mut pairs: Vec<_> = p.by_caller.iter().collect();
-    pairs.sort_by(|a, b| b.1.cmp(a.1));
+    let mut pairs: Vec<_> = by_caller.into_iter().collect();
+    pairs.sort_by_key(|p| std::cmp::Reverse(p.1));
     for ((name, caller), own) in pairs.iter().take(top) {
         let _ = writeln!(out, "{own:>8}  {name}  <-  {caller}");
     }
@@ -189,7 +181,12 @@ pub fn folded() -> String {
     let Some(p) = guard.as_ref() else {
         return String::new();
     };
-    let sorted: BTreeMap<&String, &u64> = p.by_stack.iter().collect();
+    let mut sorted: BTreeMap<String, u64> = BTreeMap::new();
+    for (stack, burnt) in &p.by_stack {
+        // Outermost first; `;` separates frames, so one inside a name (`[u8; 32]`) becomes `,`.
+        let frames: Vec<String> = stack.iter().rev().map(|f| f.replace(';', ",")).collect();
+        *sorted.entry(frames.join(";")).or_default() += burnt;
+    }
     let mut out = String::new();
     for (stack, fuel) in sorted {
         let _ = writeln!(out, "{stack} {fuel}");
