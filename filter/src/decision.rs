@@ -283,15 +283,18 @@ fn is_traceparent(value: &[u8]) -> bool {
 }
 
 /// The headers of a call to the backend, borrowed (`authorization`: the whole value,
-/// `Bearer …`).
+/// `Bearer …`). `batch`: the call is a batch, whose answer is read for its statuses only
+/// ([`batch_statuses`]), so it asks `Prefer: return=minimal`: the successes come back
+/// without their bodies, most of the bytes there were to parse.
 pub fn call_headers<'a>(
     method: &'a str,
     path: &'a str,
     authority: &'a str,
     authorization: Option<&'a str>,
     context: &'a CallContext,
+    batch: bool,
 ) -> Vec<(&'static str, &'a str)> {
-    let mut h = Vec::with_capacity(9);
+    let mut h = Vec::with_capacity(10);
     h.extend([
         (":method", method),
         (":path", path),
@@ -308,6 +311,9 @@ pub fn call_headers<'a>(
         if let Some(value) = value {
             h.push((name, value));
         }
+    }
+    if batch {
+        h.push(("prefer", idempotency_spec::PREFER_MINIMAL));
     }
     h
 }
@@ -471,6 +477,26 @@ mod tests {
         assert_eq!(batch_statuses(&ans(Some(503), ""), 2), [Some(503); 2]);
         assert_eq!(batch_statuses(&ans(Some(404), ""), 1), [Some(404)]);
         assert_eq!(batch_statuses(&ans(None, ""), 2), [None, None]);
+        // Prefer: return=minimal: a success by its status alone, a failure with its problem.
+        let minimal = r#"{"results":[{"status":200},{"status":403,"body":{"type":"x"}}]}"#;
+        assert_eq!(
+            batch_statuses(&ans(Some(200), minimal), 2),
+            [Some(200), Some(403)]
+        );
+    }
+
+    #[test]
+    fn a_batch_asks_for_its_statuses_alone_and_no_other_call_does() {
+        let none = CallContext::default();
+        let prefer = |batch| {
+            call_headers("POST", "/p", "a", None, &none, batch)
+                .into_iter()
+                .filter(|(n, _)| *n == "prefer")
+                .map(|(_, v)| v)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(prefer(true), ["return=minimal"]);
+        assert!(prefer(false).is_empty());
     }
 
     #[test]
@@ -574,11 +600,18 @@ mod tests {
     #[test]
     fn call_headers_include_bearer_when_set() {
         let none = CallContext::default();
-        let h = call_headers("PUT", "/api/v2/captures", "b:1", Some("Bearer tok"), &none);
+        let h = call_headers(
+            "PUT",
+            "/api/v2/captures",
+            "b:1",
+            Some("Bearer tok"),
+            &none,
+            false,
+        );
         assert!(h.contains(&(":authority", "b:1")));
         assert!(h.contains(&("authorization", "Bearer tok")));
         assert!(
-            !call_headers("PUT", "/p", "a", None, &none)
+            !call_headers("PUT", "/p", "a", None, &none, false)
                 .iter()
                 .any(|(n, _)| *n == "authorization")
         );
@@ -602,7 +635,7 @@ mod tests {
             ("tracestate", "vendor=1"),
             ("x-request-id", "req-1"),
         ]);
-        let h = call_headers("PUT", "/p", "a", None, &cx);
+        let h = call_headers("PUT", "/p", "a", None, &cx, false);
         assert!(h.contains(&("traceparent", TP)));
         assert!(h.contains(&("tracestate", "vendor=1")));
         assert!(h.contains(&("x-request-id", "req-1")));
@@ -611,7 +644,7 @@ mod tests {
             format!(r#","request_id":"req-1","traceparent":"{TP}""#)
         );
         assert!(batch_fields(&CallContext::default()).is_empty());
-        assert!(call_headers("PUT", "/p", "a", None, &CallContext::default()).len() == 5);
+        assert!(call_headers("PUT", "/p", "a", None, &CallContext::default(), false).len() == 5);
     }
 
     #[test]

@@ -144,6 +144,7 @@ pub fn call_backend(
         &server.authority,
         server.authorization.as_deref(),
         context,
+        path == server.batch_path,
     );
     hostcalls::dispatch_http_call(
         &server.upstream,

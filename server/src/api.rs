@@ -572,21 +572,47 @@ fn batch_item(item: serde_json::Value, policy: &Policy) -> Result<BatchOp, ApiEr
     })
 }
 
-/// An item's answer as the single call would send it: its status and its JSON body.
-fn batch_result<T: Serialize>(answer: Result<T, ApiError>) -> spec::BatchResult<serde_json::Value> {
+/// An item's answer as the single call would send it: its status and its JSON body, or its
+/// status alone for a success when the caller asked for `return=minimal`.
+fn batch_result<T: Serialize>(
+    answer: Result<T, ApiError>,
+    minimal: bool,
+) -> spec::BatchResult<serde_json::Value> {
     let (status, body) = match answer {
-        Ok(body) => (StatusCode::OK, serde_json::to_value(&body)),
+        Ok(_) if minimal => (StatusCode::OK, None),
+        Ok(body) => (StatusCode::OK, Some(serde_json::to_value(&body))),
         Err(e) => {
             if let ApiError::Store(cause) = &e {
                 tracing::error!(error = %cause, "store failure (batch item)");
             }
-            (e.status(), serde_json::to_value(e.problem()))
+            (e.status(), Some(serde_json::to_value(e.problem())))
         }
     };
     spec::BatchResult {
         status: status.as_u16(),
-        body: body.expect("an answer always encodes"),
+        body: body.map(|b| b.expect("an answer always encodes")),
     }
+}
+
+/// Whether the `Prefer` headers ask for `return=minimal` (RFC 7240: a comma-separated list of
+/// preferences in one or more headers, each `name[=value]` followed by `;` parameters; names
+/// are case-insensitive, a value may be quoted). A header that is not text is ignored, as the
+/// RFC asks of a preference the server does not understand.
+fn prefers_minimal(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|preference| {
+            let first = preference.split(';').next().unwrap_or_default();
+            let (name, value) = first.split_once('=').unwrap_or((first, ""));
+            name.trim().eq_ignore_ascii_case("return")
+                && value
+                    .trim()
+                    .trim_matches('"')
+                    .eq_ignore_ascii_case("minimal")
+        })
 }
 
 /// What a batch item says of the request it comes from: the fields the filter adds to each
@@ -619,11 +645,12 @@ impl ItemContext {
 async fn batch(
     State(state): State<AppState>,
     _: Authorized,
+    headers: axum::http::HeaderMap,
     payload: Result<Payload<BatchRequest>, ApiError>,
 ) -> Response {
     let started = Instant::now();
     let answer = match payload {
-        Ok(Payload(request)) => batch_answer(&state, request).await,
+        Ok(Payload(request)) => batch_answer(&state, request, prefers_minimal(&headers)).await,
         Err(e) => Err(e),
     };
     state.metrics.operation(Operation::Batch, started.elapsed());
@@ -634,7 +661,13 @@ async fn batch(
     }
 }
 
-async fn batch_answer(state: &AppState, request: BatchRequest) -> Result<Response, ApiError> {
+/// `minimal`: the caller sent `Prefer: return=minimal`, and its successful results carry their
+/// status only (the filter reads nothing else; the bodies were most of the answer's bytes).
+async fn batch_answer(
+    state: &AppState,
+    request: BatchRequest,
+    minimal: bool,
+) -> Result<Response, ApiError> {
     if request.operations.len() > spec::MAX_BATCH_OPERATIONS {
         return Err(out_of_range(format!(
             "operations must hold at most {} items",
@@ -672,7 +705,7 @@ async fn batch_answer(state: &AppState, request: BatchRequest) -> Result<Respons
                         state.metrics.record(Recording::Invalid);
                         Recording::Invalid.as_str()
                     };
-                    (label, None, batch_result::<()>(Err(e)))
+                    (label, None, batch_result::<()>(Err(e), minimal))
                 }
                 Ok(key) => {
                     let outcome = outcomes.next().unwrap_or_else(|| {
@@ -692,19 +725,19 @@ async fn batch_answer(state: &AppState, request: BatchRequest) -> Result<Respons
                                 state.metrics.record(Recording::Error);
                                 Recording::Error.as_str()
                             };
-                            (label, digest, batch_result::<()>(Err(e)))
+                            (label, digest, batch_result::<()>(Err(e), minimal))
                         }
                         Ok(BatchOutcome::Record(o)) => {
                             let answer = recorded(state, key, o);
                             let label = recording(&answer);
                             state.metrics.record(label);
-                            (label.as_str(), digest, batch_result(answer))
+                            (label.as_str(), digest, batch_result(answer, minimal))
                         }
                         Ok(BatchOutcome::Release(o)) => {
                             let answer = released(state, key, o);
                             let label = releasing(&answer);
                             state.metrics.release(label);
-                            (label.as_str(), digest, batch_result(answer))
+                            (label.as_str(), digest, batch_result(answer, minimal))
                         }
                     }
                 }
@@ -720,7 +753,14 @@ async fn batch_answer(state: &AppState, request: BatchRequest) -> Result<Respons
             result
         })
         .collect();
-    Ok(json(StatusCode::OK, &spec::BatchAnswer { results }))
+    let mut response = json(StatusCode::OK, &spec::BatchAnswer { results });
+    if minimal {
+        response.headers_mut().insert(
+            "preference-applied",
+            HeaderValue::from_static(spec::PREFER_MINIMAL),
+        );
+    }
+    Ok(response)
 }
 
 /// `GET /-/ping`: the process answers (the old shape).

@@ -635,6 +635,80 @@ async fn a_batch_answers_each_item_as_its_single_call_would() {
 }
 
 #[tokio::test]
+async fn a_batch_sent_with_prefer_return_minimal_answers_successes_by_their_status_alone() {
+    let server = TestServer::start().await;
+    let c = &server.client;
+    let batch = |prefer: Vec<&'static str>, ops: Value| async move {
+        let headers: Vec<(&str, &str)> = prefer.iter().map(|p| ("prefer", *p)).collect();
+        c.send_with(
+            "POST",
+            "/api/v2/captures/batch",
+            Some(json!({ "operations": ops }).to_string()),
+            &headers,
+        )
+        .await
+    };
+    // Every spelling RFC 7240 allows: among other preferences, in a second header, quoted,
+    // with parameters, in another case.
+    for (i, prefer) in [
+        vec!["return=minimal"],
+        vec!["respond-async, wait=10", "RETURN = \"minimal\"; x=1"],
+        vec!["handling=lenient,return=minimal"],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let key = format!("bWluaW1hbC0{i}");
+        let token = c.lease(&key).await;
+        let answer = batch(
+            prefer,
+            json!([
+                { "op": "record", "idempotency_key": key, "lease_token": token, "response": response("m") },
+                { "op": "release", "idempotency_key": "bmV2ZXI", "lease_token": "x" },
+            ]),
+        )
+        .await;
+        assert_eq!(answer.header("preference-applied"), Some("return=minimal"));
+        assert_eq!(answer.json["results"][0], json!({ "status": 200 }), "{i}");
+        // A failure keeps its problem: a minimal answer is for successes.
+        assert_eq!(answer.json["results"][1]["status"], 403, "{i}");
+        assert_eq!(
+            answer.json["results"][1]["body"]["type"],
+            problem_type::NOT_ALLOCATED
+        );
+        // Applied all the same.
+        let replay = c.allocate(json!({ "idempotency_key": key })).await;
+        assert_eq!(replay.json["response"], response("m"));
+    }
+    // Another preference, or none: the whole answer.
+    for prefer in [
+        vec![],
+        vec!["return=representation"],
+        vec!["return-minimal"],
+    ] {
+        let answer = batch(
+            prefer.clone(),
+            json!([{ "op": "release", "idempotency_key": "bWluaW1hbC0w", "lease_token": "x" }]),
+        )
+        .await;
+        assert_eq!(answer.header("preference-applied"), None, "{prefer:?}");
+        assert_eq!(results(&answer)[0].0, 403, "{prefer:?}");
+        let key = "bm9uZQ";
+        let token = c.lease(key).await;
+        let answer = batch(
+            prefer.clone(),
+            json!([{ "op": "release", "idempotency_key": key, "lease_token": token }]),
+        )
+        .await;
+        assert_eq!(
+            results(&answer),
+            vec![(200, json!({ "idempotency_key": key }))]
+        );
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn a_batch_is_bounded_and_checked_as_a_whole_first() {
     let server = TestServer::start_with(|c| c.body_limit = 64 * 1024).await;
     let c = &server.client;

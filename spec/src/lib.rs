@@ -215,11 +215,18 @@ pub struct BatchAnswer<B> {
 }
 
 /// The answer of one batch operation: the status and body the single call would have given.
+/// The body is left out of a 200 when the batch was sent with [`PREFER_MINIMAL`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BatchResult<B> {
     pub status: u16,
-    pub body: B,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub body: Option<B>,
 }
+
+/// `Prefer: return=minimal` (RFC 7240, §4.2) on a batch: its successful results carry their
+/// status only (failed ones keep their problem). What the filter sends, since it reads only
+/// the statuses; a backend that applied it says so in `Preference-Applied`.
+pub const PREFER_MINIMAL: &str = "return=minimal";
 
 /// `GET /-/ping` answer (the old shape).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -309,6 +309,9 @@ pub enum Event {
         id: u64,
         status: u16,
         headers: Pairs,
+        /// The response's framing says no body follows (`Content-Length: 0`, a 204 or 304,
+        /// an answer to HEAD): the upstream message is complete with its head.
+        end: bool,
     },
     UpstreamBody {
         id: u64,

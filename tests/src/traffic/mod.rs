@@ -88,6 +88,9 @@ struct Req {
     resp_buffering: bool,
     resp_overflowed: bool,
     upstream_done: bool,
+    /// The upstream's head said that no body follows (a 204 or 304, `Content-Length: 0`, an
+    /// answer to HEAD): the message ended with it.
+    upstream_ended_with_head: bool,
     /// Body released by the filter while the head is held (envoy Pause in headers).
     held_body: Vec<u8>,
     head_sent: bool,
@@ -363,7 +366,14 @@ impl Worker {
                 id,
                 status,
                 headers,
-            } => self.upstream_head(id, status, headers),
+                end,
+            } => {
+                if end && let Some(r) = self.reqs.get_mut(&id) {
+                    r.upstream_done = true;
+                    r.upstream_ended_with_head = true;
+                }
+                self.upstream_head(id, status, headers)
+            }
             Event::UpstreamBody { id, data } => {
                 if let Some(r) = self.reqs.get_mut(&id)
                     && !r.local

@@ -86,6 +86,7 @@ impl Worker {
                 resp_buffering: false,
                 resp_overflowed: false,
                 upstream_done: false,
+                upstream_ended_with_head: false,
                 held_body: Vec::new(),
                 head_sent: false,
                 declared_length: None,

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
+use hyper::body::Body as _;
 use tokio::sync::mpsc;
 
 use super::{ReqStage, RespStage, next_chunk};
@@ -247,8 +248,9 @@ impl Worker {
         // The response phases have begun (a local response now replaces this one).
         r.resp_stage = RespStage::Body;
         let ctx = r.ctx;
-        // No body follows: Content-Length 0, or a local reply without a body.
-        let bodyless = (r.resp_content_length == Some(0) || r.local)
+        // No body follows: Content-Length 0, a head that ended the upstream's message (a 204),
+        // or a local reply without a body.
+        let bodyless = (r.resp_content_length == Some(0) || r.upstream_ended_with_head || r.local)
             && r.upstream_done
             && r.resp_pending.is_empty();
         let eos = self.mode.response_headers_eos(bodyless);
@@ -701,11 +703,20 @@ async fn forward(
     for (k, v) in response.headers() {
         pairs.push((k.as_str().to_string(), v.as_bytes().to_vec()));
     }
+    // Envoy's HTTP/1 codec raises the head of a response without a body only once the
+    // message is complete, with end_stream set (`deferred_end_stream_headers_` in
+    // http1/codec_impl.cc): whether the filter sees end_of_stream on a `Content-Length: 0`
+    // response must not depend on when the end is read.
+    let end = response.body().is_end_stream();
     poster.post(Event::UpstreamHead {
         id,
         status,
         headers: pairs,
+        end,
     });
+    if end {
+        return poster.post(Event::UpstreamEnd { id });
+    }
     let mut body = response.into_body();
     while let Some(frame) = body.frame().await {
         match frame {

@@ -104,6 +104,43 @@ async fn a_body_in_several_pieces_and_a_bodyless_response_are_recorded(mode: Mod
     t.finish().await;
 }
 
+/// Envoy raises the head of an upstream response without a body with end_stream set (its
+/// HTTP/1 codec waits for the message to complete), so the filter records from
+/// `on_http_response_headers` and holds the head: the client gets the response only once the
+/// capture is stored. Each of twenty keys, at once, with no tick: the retry replays, every
+/// record went inline and none was queued again.
+#[tokio::test]
+async fn an_envoy_response_without_a_body_is_held_until_its_inline_record_is_stored() {
+    let t = E2e::start(Mode::Envoy, json!({"record": "inline"})).await;
+    t.api.reply(
+        "/created",
+        Reply::new(201).header("content-type", "application/json"),
+    );
+    t.api.reply("/nothing", Reply::new(204));
+    for i in 0..20 {
+        for path in ["/created", "/nothing"] {
+            let key = format!("\"k-bodyless-{i}\"");
+            let first = t.send(path, &key, "{}").await;
+            let retry = t.send(path, &key, "{}").await;
+            assert_eq!(retry.status, first.status, "{path} {i}");
+            assert_eq!(
+                retry.header("idempotent-replayed"),
+                Some("true"),
+                "{path} {i}: stored before the response reached the client"
+            );
+        }
+    }
+    assert_eq!(t.api.count("/created") + t.api.count("/nothing"), 40);
+    assert_eq!(t.metric(metric::RECORDED), 40);
+    t.host().settle().await;
+    assert!(
+        t.host().logs_containing("queued").is_empty(),
+        "no record was queued again: {:?}",
+        t.host().logs_containing("queued")
+    );
+    t.finish().await;
+}
+
 both_modes!(
     record_deferred_stores_from_the_tick,
     record_inline_replays_right_after_the_response_on_envoy_and_falls_back_on_kong,
