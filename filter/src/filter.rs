@@ -38,7 +38,9 @@ use crate::problem::{self, Kind};
 use crate::queue::{Class, Entry, Op, classify};
 use crate::replay::{self, HeaderOp, LocalReply};
 use crate::scope::{self, ScopeInput};
-use crate::shared::{call_backend, count, enqueue, header_map, log, log_parts, logs, now_ms};
+use crate::shared::{
+    Endpoint, call_backend, count, enqueue, header_map, log, log_parts, logs, now_ms,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -407,7 +409,7 @@ impl Http {
         match call_backend(
             &cfg.server,
             "PUT",
-            &cfg.server.captures_path,
+            Endpoint::Captures,
             &body,
             timeout,
             &self.context,
@@ -514,7 +516,7 @@ impl Http {
             && call_backend(
                 &cfg.server,
                 op.method(),
-                &cfg.server.captures_path,
+                Endpoint::Captures,
                 &body,
                 cfg.server.timeout_ms,
                 &self.context,

@@ -346,9 +346,11 @@ impl<'a> Parser<'a> {
                 value = Some(u64::from(d - b'0'));
                 while let Some(d @ b'0'..=b'9') = self.peek() {
                     self.i += 1;
+                    // `v * 10` overflows exactly when `v > u64::MAX / 10`; `checked_mul`
+                    // would test it with a 128-bit multiply (`__multi3` on wasm32).
                     value = value
-                        .and_then(|v| v.checked_mul(10))
-                        .and_then(|v| v.checked_add(u64::from(d - b'0')));
+                        .filter(|&v| v <= u64::MAX / 10)
+                        .and_then(|v| (v * 10).checked_add(u64::from(d - b'0')));
                 }
             }
             _ => return None,

@@ -18,7 +18,7 @@ use crate::decision::{CallAnswer, CallContext, batch_statuses};
 use crate::filter::Http;
 use crate::metrics::Metric;
 use crate::queue::{Op, Settled};
-use crate::shared::{call_backend, count, define_metrics, log, now_ms, with_queue};
+use crate::shared::{Endpoint, call_backend, count, define_metrics, log, now_ms, with_queue};
 
 pub struct Root {
     /// This root context's id: its batch in flight is its own.
@@ -140,7 +140,7 @@ fn send_due(root: u32) {
     match call_backend(
         &target,
         "POST",
-        &target.batch_path,
+        Endpoint::Batch,
         &body,
         target.timeout_ms,
         &CallContext::default(),

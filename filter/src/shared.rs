@@ -115,7 +115,17 @@ pub fn header_map(_map: MapType) -> Vec<u8> {
     Vec::new()
 }
 
-/// Dispatches `method` `path` with `body` to the backend: the call's token, or the refusal.
+/// Which of the backend's paths a call goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `{path_prefix}/captures`: an allocation, or a record or release sent inline.
+    Captures,
+    /// `{path_prefix}/captures/batch`: the queue's records and releases.
+    Batch,
+}
+
+/// Dispatches `method` with `body` to the backend's `endpoint`: the call's token, or the
+/// refusal.
 ///
 /// On Kong the arguments are checked first and a call ngx_wasm_module would refuse is never
 /// made (BadArgument): a root-context dispatch that fails synchronously leaks a connection slot
@@ -123,7 +133,7 @@ pub fn header_map(_map: MapType) -> Vec<u8> {
 pub fn call_backend(
     server: &Server,
     method: &str,
-    path: &str,
+    endpoint: Endpoint,
     body: &[u8],
     timeout_ms: u64,
     context: &CallContext,
@@ -138,13 +148,17 @@ pub fn call_backend(
         );
         return Err(Status::BadArgument);
     }
+    let path = match endpoint {
+        Endpoint::Captures => &server.captures_path,
+        Endpoint::Batch => &server.batch_path,
+    };
     let headers = call_headers(
         method,
         path,
         &server.authority,
         server.authorization.as_deref(),
         context,
-        path == server.batch_path,
+        endpoint == Endpoint::Batch,
     );
     hostcalls::dispatch_http_call(
         &server.upstream,
@@ -160,7 +174,12 @@ pub fn now_ms() -> u64 {
     hostcalls::get_current_time()
         .ok()
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        // Not `as_millis`, a u128 (a 128-bit multiply on wasm32): the same value, saturated.
+        .map_or(0, |d| {
+            d.as_secs()
+                .saturating_mul(1000)
+                .saturating_add(u64::from(d.subsec_millis()))
+        })
 }
 
 /// Logs one line, prefixed with the filter's name.
