@@ -15,7 +15,7 @@ use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, FailedToBufferBody};
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath, Request, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -598,7 +598,7 @@ fn batch_result<T: Serialize>(
 /// preferences in one or more headers, each `name[=value]` followed by `;` parameters; names
 /// are case-insensitive, a value may be quoted). A header that is not text is ignored, as the
 /// RFC asks of a preference the server does not understand.
-fn prefers_minimal(headers: &axum::http::HeaderMap) -> bool {
+fn prefers_minimal(headers: &HeaderMap) -> bool {
     headers
         .get_all("prefer")
         .iter()
@@ -645,7 +645,7 @@ impl ItemContext {
 async fn batch(
     State(state): State<AppState>,
     _: Authorized,
-    headers: axum::http::HeaderMap,
+    headers: HeaderMap,
     payload: Result<Payload<BatchRequest>, ApiError>,
 ) -> Response {
     let started = Instant::now();
