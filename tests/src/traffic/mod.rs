@@ -367,13 +367,7 @@ impl Worker {
                 status,
                 headers,
                 end,
-            } => {
-                if end && let Some(r) = self.reqs.get_mut(&id) {
-                    r.upstream_done = true;
-                    r.upstream_ended_with_head = true;
-                }
-                self.upstream_head(id, status, headers)
-            }
+            } => self.upstream_head(id, status, headers, end),
             Event::UpstreamBody { id, data } => {
                 if let Some(r) = self.reqs.get_mut(&id)
                     && !r.local

@@ -212,15 +212,21 @@ impl Worker {
         r.req_stage = ReqStage::Done;
         r.resp_pending = body;
         r.upstream_done = true;
-        self.upstream_head(id, status, headers);
+        self.upstream_head(id, status, headers, false);
     }
 
-    pub(super) fn upstream_head(&mut self, id: u64, status: u16, headers: Pairs) {
+    /// The response's head. `end`: it said that no body follows, and the message ended with
+    /// it (what Envoy's codec needs to raise it with end_stream).
+    pub(super) fn upstream_head(&mut self, id: u64, status: u16, headers: Pairs, end: bool) {
         let Some(r) = self.reqs.get_mut(&id) else {
             return;
         };
         if r.resp_stage != RespStage::Waiting {
             return;
+        }
+        if end {
+            r.upstream_done = true;
+            r.upstream_ended_with_head = true;
         }
         r.resp_content_length = abi::content_length(&headers);
         if r.bypass {
