@@ -276,7 +276,10 @@ impl Queue {
     pub fn sent(&mut self, root: u32, token: u32, batch: Batch, now_ms: u64) {
         let timeout = batch.target.timeout_ms;
         let deadline_ms = now_ms
-            .saturating_add(timeout.saturating_mul(3))
+            // Not `saturating_mul`, whose overflow check is a 128-bit multiply (`__multi3`)
+            // on wasm32 (as is `min(u64::MAX / 3)`, which LLVM reads as that check): a bound
+            // far above any timeout the configuration allows, under which `* 3` cannot overflow.
+            .saturating_add(timeout.min(1 << 53) * 3)
             .saturating_add(DEADLINE_GRACE_MS);
         let entries = batch
             .entries
@@ -378,9 +381,9 @@ impl Queue {
 /// The delay before the next send after `attempts` sends.
 pub fn backoff_ms(attempts: u32) -> u64 {
     let shift = attempts.saturating_sub(1).min(16);
-    BACKOFF_BASE_MS
-        .saturating_mul(1u64 << shift)
-        .min(BACKOFF_MAX_MS)
+    // 200 << 16 is far from overflowing (and a plain shift, unlike `saturating_mul`, needs no
+    // 128-bit multiply on wasm32).
+    (BACKOFF_BASE_MS << shift).min(BACKOFF_MAX_MS)
 }
 
 #[cfg(test)]

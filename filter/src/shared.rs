@@ -174,11 +174,12 @@ pub fn now_ms() -> u64 {
     hostcalls::get_current_time()
         .ok()
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        // Not `as_millis`, a u128 (a 128-bit multiply on wasm32): the same value, saturated.
+        // Neither `as_millis` (a u128) nor `saturating_mul` nor `min(u64::MAX / 1000)` (an
+        // overflow check, which LLVM makes of each): all are a 128-bit multiply (`__multi3`) on
+        // wasm32. Under 2^53 seconds `* 1000` cannot overflow: the same value for the next
+        // 285 million years.
         .map_or(0, |d| {
-            d.as_secs()
-                .saturating_mul(1000)
-                .saturating_add(u64::from(d.subsec_millis()))
+            (d.as_secs().min(1 << 53) * 1000) + u64::from(d.subsec_millis())
         })
 }
 
