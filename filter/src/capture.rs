@@ -24,11 +24,18 @@ pub const HOP_BY_HOP: &[&str] = &[
 /// Whether a header is never stored or replayed: a pseudo-header, a hop-by-hop header, or one
 /// named by the response's own `Connection` header.
 pub fn is_hop_by_hop(name: &str, connection_tokens: &[String]) -> bool {
-    name.starts_with(':')
-        || HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
+    hop_by_hop_bytes(name.as_bytes(), connection_tokens)
+}
+
+/// [`is_hop_by_hop`] of a name as the host hands it over (any bytes).
+fn hop_by_hop_bytes<T: AsRef<[u8]>>(name: &[u8], connection_tokens: &[T]) -> bool {
+    name.first() == Some(&b':')
+        || HOP_BY_HOP
+            .iter()
+            .any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
         || connection_tokens
             .iter()
-            .any(|t| name.eq_ignore_ascii_case(t))
+            .any(|t| name.eq_ignore_ascii_case(t.as_ref()))
 }
 
 /// Response headers never stored nor replayed, whatever the configuration: a session cookie
@@ -38,24 +45,49 @@ const NEVER_STORED: &[&str] = &["set-cookie", "set-cookie2"];
 
 /// Whether a response header is never stored or replayed because it carries a credential.
 pub fn is_credential(name: &str) -> bool {
-    NEVER_STORED.iter().any(|h| name.eq_ignore_ascii_case(h))
+    credential_bytes(name.as_bytes())
+}
+
+fn credential_bytes(name: &[u8]) -> bool {
+    NEVER_STORED
+        .iter()
+        .any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
 }
 
 /// The header names listed in the `Connection` headers.
 pub fn connection_tokens<'a>(headers: impl Iterator<Item = (&'a str, &'a str)>) -> Vec<String> {
+    connection_token_bytes(headers.map(|(n, v)| (n.as_bytes(), v.as_bytes())))
+        .into_iter()
+        .map(|t| String::from_utf8_lossy(t).to_ascii_lowercase())
+        .collect()
+}
+
+/// [`connection_tokens`], borrowed from the headers as the host hands them over (no
+/// allocation for a response without a `Connection` header, which is most of them).
+fn connection_token_bytes<'a>(
+    headers: impl Iterator<Item = (&'a [u8], &'a [u8])>,
+) -> Vec<&'a [u8]> {
     headers
-        .filter(|(n, _)| n.eq_ignore_ascii_case("connection"))
-        .flat_map(|(_, v)| v.split(','))
-        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|(n, _)| n.eq_ignore_ascii_case(b"connection"))
+        .flat_map(|(_, v)| v.split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
         .filter(|t| !t.is_empty())
         .collect()
+}
+
+/// Whether a header's bytes are text (UTF-8), ASCII told first, word by word.
+fn is_text(bytes: &[u8]) -> bool {
+    bytes.is_ascii() || std::str::from_utf8(bytes).is_ok()
 }
 
 /// A response being copied.
 #[derive(Debug, Clone)]
 pub struct CaptureBuf {
     pub status: u16,
-    pub headers: Vec<(String, String)>,
+    /// The headers stored, already as the record's JSON (`{"key":…,"value":…}` entries
+    /// separated by commas): each checked for UTF-8 and escaped once, as it passes, with no
+    /// copy of its own.
+    headers_json: Vec<u8>,
     /// `Content-Length`, when the response has one.
     pub content_length: Option<u64>,
     body: Vec<u8>,
@@ -63,8 +95,8 @@ pub struct CaptureBuf {
     /// Bytes seen, including those past the limit.
     seen: u64,
     overflow: bool,
-    /// A header value is not UTF-8: the backend stores text, so this response cannot be
-    /// replayed exactly; it passes and the key is released.
+    /// A header name or value is not UTF-8: the backend stores text, so this response cannot
+    /// be replayed exactly; it passes and the key is released.
     unstorable: bool,
     /// A body chunk could not be read from the host: the copy misses bytes the client got.
     unreadable: bool,
@@ -74,80 +106,69 @@ pub struct CaptureBuf {
 }
 
 impl CaptureBuf {
-    /// Starts a copy from the response headers (`:status` included or not).
+    /// Starts a copy from the response headers as text (`:status` included or not).
     pub fn new(status: u16, headers: Vec<(String, String)>, limit: u64) -> CaptureBuf {
-        let text: Vec<(&str, &str)> = headers
-            .iter()
-            .map(|(n, v)| (n.as_str(), v.as_str()))
-            .collect();
-        CaptureBuf::from_text(status, &text, limit)
-    }
-
-    /// Starts a copy from the response headers as text: only those stored are copied.
-    fn from_text(status: u16, headers: &[(&str, &str)], limit: u64) -> CaptureBuf {
-        let tokens = connection_tokens(headers.iter().copied());
-        let content_length = headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
-            .and_then(|(_, v)| v.trim().parse::<u64>().ok());
-        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
-        let overflow = content_length.is_some_and(|cl| cl > limit as u64);
-        let mut kept = Vec::with_capacity(headers.len());
-        kept.extend(
-            headers
-                .iter()
-                .filter(|(n, _)| !is_hop_by_hop(n, &tokens) && !is_credential(n))
-                .map(|(n, v)| (n.to_string(), v.to_string())),
-        );
-        let headers = kept;
-        // Room for the whole body when its length is known and kept (no regrowth per chunk).
-        let body = match content_length.and_then(|cl| usize::try_from(cl).ok()) {
-            Some(cl) if !overflow => Vec::with_capacity(cl),
-            _ => Vec::new(),
-        };
-        CaptureBuf {
-            status,
-            headers,
-            content_length,
-            body,
-            limit,
-            seen: 0,
-            overflow,
-            unstorable: false,
-            unreadable: false,
-            not_from_upstream: false,
-        }
+        CaptureBuf::from_pairs(status, &headers, limit)
     }
 
     /// Starts a copy from the response headers as the host gives them (as bytes, owned or
-    /// borrowed from the host's map: [`crate::pairs::parse`]).
+    /// borrowed from the host's map: [`crate::pairs::parse`]): only those stored are copied.
     pub fn from_pairs<N: AsRef<[u8]>, V: AsRef<[u8]>>(
         status: u16,
         headers: &[(N, V)],
         limit: u64,
     ) -> CaptureBuf {
+        let bytes = || headers.iter().map(|(n, v)| (n.as_ref(), v.as_ref()));
+        let tokens = connection_token_bytes(bytes());
+        let content_length = bytes()
+            .find(|(n, _)| n.eq_ignore_ascii_case(b"content-length"))
+            .and_then(|(_, v)| std::str::from_utf8(v).ok()?.trim().parse::<u64>().ok());
+        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+        let overflow = content_length.is_some_and(|cl| cl > limit as u64);
+        let mut headers_json =
+            Vec::with_capacity(bytes().map(|(n, v)| n.len() + v.len() + 21).sum::<usize>());
         let mut unstorable = false;
-        let text: Vec<(&str, &str)> = headers
-            .iter()
-            .filter_map(|(n, v)| {
-                match (
-                    std::str::from_utf8(n.as_ref()),
-                    std::str::from_utf8(v.as_ref()),
-                ) {
-                    (Ok(n), Ok(v)) => Some((n, v)),
-                    _ => {
-                        unstorable = true;
-                        None
-                    }
-                }
-            })
-            .collect();
-        let mut c = CaptureBuf::from_text(status, &text, limit);
-        if unstorable {
-            c.unstorable = true;
-            c.body = Vec::new();
+        for (name, value) in bytes() {
+            if hop_by_hop_bytes(name, &tokens) || credential_bytes(name) {
+                // Not stored, but a response with any header that is not text is not
+                // stored either (what the backend could not hold, it could not replay).
+                unstorable |= !is_text(name) || !is_text(value);
+                continue;
+            }
+            let mark = headers_json.len();
+            if mark > 0 {
+                headers_json.push(b',');
+            }
+            headers_json.extend_from_slice(b"{\"key\":");
+            let mut ok = json::string_bytes(&mut headers_json, name);
+            headers_json.extend_from_slice(b",\"value\":");
+            ok = ok && json::string_bytes(&mut headers_json, value);
+            headers_json.push(b'}');
+            if !ok {
+                unstorable = true;
+                headers_json.truncate(mark);
+            }
         }
-        c
+        // Room for the whole body when its length is known and kept (no regrowth per chunk).
+        let body = match content_length.and_then(|cl| usize::try_from(cl).ok()) {
+            Some(cl) if !overflow && !unstorable => Vec::with_capacity(cl),
+            _ => Vec::new(),
+        };
+        if unstorable {
+            headers_json = Vec::new();
+        }
+        CaptureBuf {
+            status,
+            headers_json,
+            content_length,
+            body,
+            limit,
+            seen: 0,
+            overflow,
+            unstorable,
+            unreadable: false,
+            not_from_upstream: false,
+        }
     }
 
     /// Adds a body chunk; past the limit the copy is dropped (the response still passes).
@@ -201,16 +222,11 @@ impl CaptureBuf {
     /// needs escaping), every header as its own entry (two `Set-Cookie` stay two).
     pub fn record_body(self, idempotency_key: &str, lease_token: &str) -> Vec<u8> {
         let b64 = STANDARD.encoded_len(self.body.len());
-        let headers: usize = self
-            .headers
-            .iter()
-            .map(|(n, v)| json::max_string_len(n) + json::max_string_len(v) + 20)
-            .sum();
         let mut out = Vec::with_capacity(
             160 + json::max_string_len(idempotency_key)
                 + json::max_string_len(lease_token)
                 + b64
-                + headers,
+                + self.headers_json.len(),
         );
         out.push(b'{');
         json::field(&mut out, "idempotency_key", idempotency_key);
@@ -226,16 +242,7 @@ impl CaptureBuf {
         out.extend_from_slice(b"\",");
         json::key(&mut out, "response_headers");
         out.push(b'[');
-        for (i, (key, value)) in self.headers.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            out.push(b'{');
-            json::field(&mut out, "key", key);
-            out.push(b',');
-            json::field(&mut out, "value", value);
-            out.push(b'}');
-        }
+        out.extend_from_slice(&self.headers_json);
         out.extend_from_slice(b"]}}");
         out
     }
@@ -404,6 +411,19 @@ mod tests {
             .collect()
     }
 
+    /// The headers a capture's record stores, in their order.
+    fn stored(c: &CaptureBuf) -> Vec<(String, String)> {
+        let rec: CaptureRecord = serde_json::from_slice(&c.clone().record_body("k", "t")).unwrap();
+        rec.response
+            .response_headers
+            .into_iter()
+            .map(|h| match h.value {
+                HeaderValue::One(v) => (h.key, v),
+                HeaderValue::Many(_) => panic!("one value per entry"),
+            })
+            .collect()
+    }
+
     fn below_500() -> StatusSet {
         StatusSet(vec![(100, 499)])
     }
@@ -427,7 +447,7 @@ mod tests {
             100,
         );
         assert_eq!(
-            c.headers,
+            stored(&c),
             h(&[
                 ("content-type", "application/octet-stream"),
                 ("link", "</a>; rel=preload"),
@@ -585,8 +605,21 @@ mod tests {
             at_end(Some(&c), true, &below_500()),
             End::Release(ReleaseReason::Unstorable)
         );
+        // Not stored either way, but not text: the same (as before headers were copied as
+        // they pass); a name that is not text too.
+        for odd in [
+            (b"set-cookie".to_vec(), b"s=\xe9".to_vec()),
+            (b"connection".to_vec(), b"close\xff".to_vec()),
+            (b"x-\xff".to_vec(), b"1".to_vec()),
+        ] {
+            let c = CaptureBuf::from_pairs(200, &[headers[0].clone(), odd], 10);
+            assert_eq!(
+                at_end(Some(&c), true, &below_500()),
+                End::Release(ReleaseReason::Unstorable)
+            );
+        }
         let ok = CaptureBuf::from_pairs(200, &headers[..1], 10);
-        assert_eq!(ok.headers, h(&[("content-type", "text/plain")]));
+        assert_eq!(stored(&ok), h(&[("content-type", "text/plain")]));
         assert_eq!(at_end(Some(&ok), true, &below_500()), End::Record);
     }
 

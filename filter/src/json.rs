@@ -81,6 +81,46 @@ pub fn string(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
 }
 
+/// `bytes` as a JSON string, exactly as [`string`] writes them, if they are UTF-8; if not,
+/// `false`, and nothing written. A header as the host hands it over: most are ASCII with
+/// nothing to escape, which one scan tells, without `from_utf8`'s per-call cost.
+pub fn string_bytes(out: &mut Vec<u8>, bytes: &[u8]) -> bool {
+    if plain_ascii(bytes) {
+        out.reserve(bytes.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(bytes);
+        out.push(b'"');
+        return true;
+    }
+    match std::str::from_utf8(bytes) {
+        Ok(s) => {
+            string(out, s);
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+/// Whether every byte is ASCII and stands for itself in a JSON string, eight at a time (the
+/// last few padded with spaces).
+fn plain_ascii(bytes: &[u8]) -> bool {
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let mut chunks = bytes.chunks_exact(8);
+    for chunk in &mut chunks {
+        let x = u64::from_le_bytes(chunk.try_into().unwrap_or([0; 8]));
+        if special8(x) | x & HIGH != 0 {
+            return false;
+        }
+    }
+    let mut last = [b' '; 8];
+    let tail = chunks.remainder();
+    if let Some(room) = last.get_mut(..tail.len()) {
+        room.copy_from_slice(tail);
+    }
+    let x = u64::from_le_bytes(last);
+    special8(x) | x & HIGH == 0
+}
+
 /// How many bytes at the start of `bytes` stand for themselves in a JSON string (none of
 /// `"`, `\` or a control character), counted eight at a time: the strings the filter writes
 /// (keys, tokens, digests) have nothing to escape.
@@ -509,6 +549,37 @@ mod tests {
             assert!(quoted(s).len() <= max_string_len(s));
         }
         assert_eq!(quoted("\x00\x1f"), r#""\u0000\u001f""#);
+    }
+
+    #[test]
+    fn bytes_are_written_as_their_text_is_or_refused_when_not_utf8() {
+        // Every length around the 8-byte chunks, each byte of each class at each place.
+        for len in 0..20 {
+            for at in 0..len {
+                for b in [b'a', b'"', b'\\', 0x00, 0x1f, 0x7f, 0x80, 0xc3, 0xff] {
+                    let mut bytes = vec![b'x'; len];
+                    bytes[at] = b;
+                    let mut out = b"[".to_vec();
+                    let written = string_bytes(&mut out, &bytes);
+                    match std::str::from_utf8(&bytes) {
+                        Ok(text) => {
+                            assert!(written);
+                            assert_eq!(out[1..], *serde_json::to_string(text).unwrap().as_bytes());
+                        }
+                        Err(_) => {
+                            assert!(!written, "{bytes:?}");
+                            assert_eq!(out, b"[", "nothing written");
+                        }
+                    }
+                }
+            }
+        }
+        let mut out = Vec::new();
+        assert!(string_bytes(&mut out, "clé 😀 \"q\"".as_bytes()));
+        assert_eq!(
+            out,
+            serde_json::to_string("clé 😀 \"q\"").unwrap().as_bytes()
+        );
     }
 
     #[test]
