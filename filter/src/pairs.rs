@@ -11,31 +11,24 @@
 /// Header pairs, names and values as bytes.
 pub type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
 
-fn u32_at(bytes: &[u8], at: usize) -> Option<usize> {
-    let b: [u8; 4] = bytes.get(at..at.checked_add(4)?)?.try_into().ok()?;
-    usize::try_from(u32::from_le_bytes(b)).ok()
-}
-
 /// Decodes the host's serialization into pairs that borrow from it (what the filter reads:
-/// nothing copied); `None` when it is malformed.
+/// nothing copied); `None` when it is malformed. It walks the bytes as slices, each step
+/// split off the rest, rather than by offsets checked one addition at a time.
 pub fn parse(bytes: &[u8]) -> Option<Vec<(&[u8], &[u8])>> {
     if bytes.is_empty() {
         return Some(Vec::new());
     }
-    let count = u32_at(bytes, 0)?;
-    let mut data = count.checked_mul(8)?.checked_add(4)?;
-    if data > bytes.len() {
-        return None;
-    }
+    let (count, rest) = bytes.split_first_chunk::<4>()?;
+    let count = usize::try_from(u32::from_le_bytes(*count)).ok()?;
+    let (sizes, mut data) = rest.split_at_checked(count.checked_mul(8)?)?;
     let mut out = Vec::with_capacity(count);
-    for i in 0..count {
-        let at = 4 + i * 8;
-        let name_len = u32_at(bytes, at)?;
-        let value_len = u32_at(bytes, at + 4)?;
-        let name = bytes.get(data..data.checked_add(name_len)?)?;
-        data = data.checked_add(name_len)?.checked_add(1)?;
-        let value = bytes.get(data..data.checked_add(value_len)?)?;
-        data = data.checked_add(value_len)?.checked_add(1)?;
+    for size in sizes.chunks_exact(8) {
+        let (name_len, value_len) = size.split_first_chunk::<4>()?;
+        let name_len = usize::try_from(u32::from_le_bytes(*name_len)).ok()?;
+        let value_len = usize::try_from(u32::from_le_bytes(value_len.try_into().ok()?)).ok()?;
+        let (name, rest) = data.split_at_checked(name_len)?;
+        let (value, rest) = rest.get(1..)?.split_at_checked(value_len)?;
+        data = rest.get(1..)?;
         out.push((name, value));
     }
     Some(out)
@@ -115,8 +108,9 @@ mod tests {
     #[test]
     fn malformed_input_is_none_never_a_panic() {
         let raw = encode::<&[u8], &[u8]>(&[(b"name", b"value")]);
-        for cut in 0..raw.len() - 1 {
-            assert!(decode(&raw[..cut]).is_none() || cut == 0, "cut at {cut}");
+        // Every cut, down to the last NUL (both hosts write one after every name and value).
+        for cut in 1..raw.len() {
+            assert!(decode(&raw[..cut]).is_none(), "cut at {cut}");
         }
         assert!(decode(&[255, 255, 255, 255]).is_none());
         let mut huge = raw.clone();
