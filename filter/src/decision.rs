@@ -181,14 +181,16 @@ pub fn batch_statuses(answer: &CallAnswer, n: usize) -> Vec<Option<u16>> {
 
 /// The body of an allocation (an [`idempotency_spec::AllocateRequest`], its fields in their
 /// order); `wait` asks the backend to wait for the holder.
-pub fn allocate_body(cfg: &Config, key: &str, fingerprint: Option<String>, wait: bool) -> Vec<u8> {
-    let fp_len = fingerprint.as_deref().map_or(0, json::max_string_len);
+pub fn allocate_body(cfg: &Config, key: &str, fingerprint: Option<&[u8]>, wait: bool) -> Vec<u8> {
+    let fp_len = fingerprint.map_or(0, |f| f.len() * 6 + 2);
     let mut out = Vec::with_capacity(128 + json::max_string_len(key) + fp_len);
     out.extend_from_slice(b"{");
     json::field(&mut out, "idempotency_key", key);
-    if let Some(fp) = &fingerprint {
+    if let Some(fp) = fingerprint {
         out.push(b',');
-        json::field(&mut out, "fingerprint", fp);
+        json::key(&mut out, "fingerprint");
+        // Always ASCII ([`crate::fingerprint::Fingerprint::finish`]): never left out.
+        json::string_bytes(&mut out, fp);
     }
     out.push(b',');
     json::key(&mut out, "lease_ms");
@@ -505,7 +507,7 @@ mod tests {
             Config::parse(br#"{"server":{"upstream":"b:1"},"conflict":"wait","wait_ms":5000}"#)
                 .unwrap();
         let r: idempotency_spec::AllocateRequest =
-            serde_json::from_slice(&allocate_body(&cfg, "k", Some("f".into()), true)).unwrap();
+            serde_json::from_slice(&allocate_body(&cfg, "k", Some(b"f"), true)).unwrap();
         assert_eq!(r.lease_ms, Some(60_000));
         assert_eq!(r.wait_ms, Some(5000));
         assert_eq!(r.fingerprint.as_deref(), Some("f"));
@@ -533,7 +535,13 @@ mod tests {
                 wait_ms: wait.then_some(cfg.wait_ms),
             };
             assert_eq!(
-                String::from_utf8(allocate_body(&cfg, key, fp, wait)).unwrap(),
+                String::from_utf8(allocate_body(
+                    &cfg,
+                    key,
+                    fp.as_deref().map(str::as_bytes),
+                    wait
+                ))
+                .unwrap(),
                 serde_json::to_string(&expected).unwrap()
             );
         }

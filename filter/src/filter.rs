@@ -404,7 +404,8 @@ impl Http {
     fn allocate(&mut self, cfg: &Config) -> Action {
         let wait = cfg.conflict == Conflict::Wait;
         let fingerprint = self.fingerprint.take().map(Fingerprint::finish);
-        let body = decision::allocate_body(cfg, &self.key, fingerprint, wait);
+        let body =
+            decision::allocate_body(cfg, &self.key, fingerprint.as_ref().map(|f| &f[..]), wait);
         let timeout = cfg.server.timeout_ms + if wait { cfg.wait_ms } else { 0 };
         match call_backend(
             &cfg.server,
