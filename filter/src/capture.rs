@@ -5,6 +5,7 @@
 use crate::b64::STANDARD;
 use crate::config::StatusSet;
 use crate::json;
+use crate::pairs::is_named;
 
 /// Headers that describe one connection, never stored nor replayed (RFC 9110 §7.6.1), plus
 /// `content-length`, which is recomputed on replay.
@@ -30,9 +31,7 @@ pub fn is_hop_by_hop(name: &str, connection_tokens: &[String]) -> bool {
 /// [`is_hop_by_hop`] of a name as the host hands it over (any bytes).
 fn hop_by_hop_bytes<T: AsRef<[u8]>>(name: &[u8], connection_tokens: &[T]) -> bool {
     name.first() == Some(&b':')
-        || HOP_BY_HOP
-            .iter()
-            .any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
+        || HOP_BY_HOP.iter().any(|h| is_named(name, h))
         || connection_tokens
             .iter()
             .any(|t| name.eq_ignore_ascii_case(t.as_ref()))
@@ -49,9 +48,7 @@ pub fn is_credential(name: &str) -> bool {
 }
 
 fn credential_bytes(name: &[u8]) -> bool {
-    NEVER_STORED
-        .iter()
-        .any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
+    NEVER_STORED.iter().any(|h| is_named(name, h))
 }
 
 /// The header names listed in the `Connection` headers.
@@ -120,15 +117,19 @@ impl CaptureBuf {
     ) -> CaptureBuf {
         let bytes = || headers.iter().map(|(n, v)| (n.as_ref(), v.as_ref()));
         let tokens = connection_token_bytes(bytes());
-        let content_length = bytes()
-            .find(|(n, _)| n.eq_ignore_ascii_case(b"content-length"))
-            .and_then(|(_, v)| std::str::from_utf8(v).ok()?.trim().parse::<u64>().ok());
-        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
-        let overflow = content_length.is_some_and(|cl| cl > limit as u64);
+        // The first Content-Length, found by the loop below (it is never stored).
+        let mut content_length: Option<Option<u64>> = None;
         let mut headers_json =
             Vec::with_capacity(bytes().map(|(n, v)| n.len() + v.len() + 21).sum::<usize>());
         let mut unstorable = false;
         for (name, value) in bytes() {
+            if content_length.is_none() && is_named(name, "content-length") {
+                content_length = Some(
+                    std::str::from_utf8(value)
+                        .ok()
+                        .and_then(|v| v.trim().parse::<u64>().ok()),
+                );
+            }
             if hop_by_hop_bytes(name, &tokens) || credential_bytes(name) {
                 // Not stored, but a response with any header that is not text is not
                 // stored either (what the backend could not hold, it could not replay).
@@ -149,6 +150,9 @@ impl CaptureBuf {
                 headers_json.truncate(mark);
             }
         }
+        let content_length = content_length.flatten();
+        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+        let overflow = content_length.is_some_and(|cl| cl > limit as u64);
         // Room for the whole body when its length is known and kept (no regrowth per chunk).
         let body = match content_length.and_then(|cl| usize::try_from(cl).ok()) {
             Some(cl) if !overflow && !unstorable => Vec::with_capacity(cl),
@@ -458,6 +462,27 @@ mod tests {
         let rec: CaptureRecord = serde_json::from_slice(&c.record_body("k", "t")).unwrap();
         assert_eq!(rec.lease_token.as_deref(), Some("t"));
         assert_eq!(rec.response.response_headers.len(), 3);
+    }
+
+    #[test]
+    fn the_unstored_names_are_matched_in_any_case() {
+        // `is_named` folds the header's name only: the lists must be in lower case.
+        for name in HOP_BY_HOP.iter().chain(NEVER_STORED) {
+            assert_eq!(name.to_ascii_lowercase(), *name);
+        }
+        let c = CaptureBuf::new(
+            200,
+            h(&[
+                ("Content-Length", " 12 "),
+                ("CONTENT-LENGTH", "13"),
+                ("Set-Cookie", "a=1"),
+                ("Transfer-Encoding", "chunked"),
+                ("Content-Type", "text/plain"),
+            ]),
+            100,
+        );
+        assert_eq!(c.content_length, Some(12), "the first, trimmed");
+        assert_eq!(stored(&c), h(&[("Content-Type", "text/plain")]));
     }
 
     #[test]

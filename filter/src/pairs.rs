@@ -61,15 +61,27 @@ pub fn encode<N: AsRef<[u8]>, V: AsRef<[u8]>>(pairs: &[(N, V)]) -> Vec<u8> {
     out
 }
 
-/// The first value of a header (names compared case-insensitively).
+/// The first value of the header `lower` (a name in lower case, as the filter's own names and
+/// the configuration's are; the map's names in any case).
 pub fn get<'a, N: AsRef<[u8]>, V: AsRef<[u8]>>(
     pairs: &'a [(N, V)],
-    name: &str,
+    lower: &str,
 ) -> Option<&'a [u8]> {
     pairs
         .iter()
-        .find(|(n, _)| n.as_ref().eq_ignore_ascii_case(name.as_bytes()))
+        .find(|(n, _)| is_named(n.as_ref(), lower))
         .map(|(_, v)| v.as_ref())
+}
+
+/// Whether the header name `name` (any case) is `lower` (in lower case): only `name`'s bytes
+/// are folded, half the work of `eq_ignore_ascii_case` on a name that matches.
+pub fn is_named(name: &[u8], lower: &str) -> bool {
+    debug_assert!(!lower.bytes().any(|b| b.is_ascii_uppercase()), "{lower}");
+    name.len() == lower.len()
+        && name
+            .iter()
+            .zip(lower.as_bytes())
+            .all(|(n, l)| n.to_ascii_lowercase() == *l)
 }
 
 /// The pairs (owned, or borrowed from the host's map: [`parse`]) as text, invalid UTF-8
@@ -95,14 +107,22 @@ mod tests {
             encode::<&[u8], &[u8]>(&[(b":path", b"/caf\xe9"), (b"x-\xff", b""), (b"a", b"b")]);
         let p = decode(&raw).unwrap();
         assert_eq!(p.len(), 3);
-        assert_eq!(get(&p, ":PATH"), Some(&b"/caf\xe9"[..]));
+        assert_eq!(get(&p, ":path"), Some(&b"/caf\xe9"[..]));
         assert_eq!(p[1].0, b"x-\xff");
         assert_eq!(get(&p, "a"), Some(&b"b"[..]));
         assert_eq!(lossy(&p)[0].1, "/caf\u{fffd}");
         assert_eq!(decode(&[]), Some(vec![]));
         let borrowed = parse(&raw).unwrap();
         assert_eq!(borrowed[0], (&b":path"[..], &b"/caf\xe9"[..]));
-        assert_eq!(get(&borrowed, "A"), Some(&b"b"[..]));
+        assert_eq!(get(&borrowed, "a"), Some(&b"b"[..]));
+        let upper = encode::<&[u8], &[u8]>(&[(b"X-Request-ID", b"1")]);
+        assert_eq!(
+            get(&decode(&upper).unwrap(), "x-request-id"),
+            Some(&b"1"[..])
+        );
+        assert!(is_named(b"Content-LENGTH", "content-length"));
+        assert!(!is_named(b"content-lengt", "content-length"));
+        assert!(!is_named(b"content_length", "content-length"));
     }
 
     #[test]

@@ -30,7 +30,8 @@ pub fn path_without_query(path: &[u8]) -> &[u8] {
     path.split(|&b| b == b'?').next().unwrap_or(path)
 }
 
-/// The scope digest.
+/// The scope digest. `header_names` in lower case, as the configuration gives them (the
+/// request's names match in any case).
 pub fn digest(route: bool, header_names: &[String], input: &ScopeInput<'_>) -> [u8; 32] {
     let mut h = Sha256::new();
     put(&mut h, b"idempotency-scope/1");
@@ -56,7 +57,8 @@ pub fn digest(route: bool, header_names: &[String], input: &ScopeInput<'_>) -> [
             input
                 .headers
                 .iter()
-                .filter(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+                // The configuration's names are in lower case (`config`).
+                .filter(|(n, _)| crate::pairs::is_named(n, name))
                 .map(|(_, v)| *v)
         };
         h.update((values().count() as u64).to_be_bytes());
