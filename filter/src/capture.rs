@@ -124,11 +124,7 @@ impl CaptureBuf {
         let mut unstorable = false;
         for (name, value) in bytes() {
             if content_length.is_none() && is_named(name, "content-length") {
-                content_length = Some(
-                    std::str::from_utf8(value)
-                        .ok()
-                        .and_then(|v| v.trim().parse::<u64>().ok()),
-                );
+                content_length = Some(crate::pairs::number(value));
             }
             if hop_by_hop_bytes(name, &tokens) || credential_bytes(name) {
                 // Not stored, but a response with any header that is not text is not

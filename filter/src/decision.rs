@@ -40,8 +40,9 @@ impl CallAnswer {
     ) -> CallAnswer {
         let get = |name: &str| crate::pairs::get(headers, name);
         let text = |v: &[u8]| String::from_utf8_lossy(v).into_owned();
-        let status =
-            get(":status").and_then(|s| std::str::from_utf8(s).ok()?.trim().parse::<u16>().ok());
+        let status = get(":status")
+            .and_then(crate::pairs::number)
+            .and_then(|s| u16::try_from(s).ok());
         let failure = match (status, get(":dispatch_status")) {
             (None, Some(d)) => Some(text(d)),
             (None, None) => Some("no answer".to_string()),

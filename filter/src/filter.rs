@@ -271,8 +271,7 @@ impl Http {
             },
         );
         self.key = key::backend_key(&digest, &client_key);
-        self.content_length = get("content-length")
-            .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse::<u64>().ok());
+        self.content_length = get("content-length").and_then(pairs::number);
         if self
             .content_length
             .is_some_and(|cl| cl > cfg.max_request_body_bytes)
@@ -719,7 +718,8 @@ impl HttpContext for Http {
                 let raw = header_map(MapType::HttpResponseHeaders);
                 let headers = pairs::parse(&raw).unwrap_or_default();
                 let status = pairs::get(&headers, ":status")
-                    .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse::<u16>().ok());
+                    .and_then(pairs::number)
+                    .and_then(|s| u16::try_from(s).ok());
                 if let Some(status) = status {
                     let mut capture =
                         CaptureBuf::from_pairs(status, &headers, cfg.max_capture_bytes);
