@@ -190,8 +190,11 @@ pub fn allocate_body(cfg: &Config, key: &str, fingerprint: Option<&[u8]>, wait: 
     if let Some(fp) = fingerprint {
         out.push(b',');
         json::key(&mut out, "fingerprint");
-        // Always ASCII ([`crate::fingerprint::Fingerprint::finish`]): never left out.
-        json::string_bytes(&mut out, fp);
+        // The filter's are ASCII ([`crate::fingerprint::Fingerprint::finish`]); bytes that
+        // are not UTF-8 would still make a JSON string.
+        if !json::string_bytes(&mut out, fp) {
+            json::string(&mut out, &String::from_utf8_lossy(fp));
+        }
     }
     out.push(b',');
     json::key(&mut out, "lease_ms");
@@ -516,6 +519,9 @@ mod tests {
             serde_json::from_slice(&allocate_body(&cfg, "k", None, false)).unwrap();
         assert_eq!(r.wait_ms, None);
         assert_eq!(r.fingerprint, None);
+        let r: idempotency_spec::AllocateRequest =
+            serde_json::from_slice(&allocate_body(&cfg, "k", Some(b"f\xff"), false)).unwrap();
+        assert_eq!(r.fingerprint.as_deref(), Some("f\u{fffd}"));
     }
 
     /// Written by hand: byte for byte what serde_json makes of the spec's type.

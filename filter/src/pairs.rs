@@ -81,8 +81,8 @@ pub fn get<'a, N: AsRef<[u8]>, V: AsRef<[u8]>>(
 pub fn number(value: &[u8]) -> Option<u64> {
     let digits = value.trim_ascii();
     let digits = digits.strip_prefix(b"+").unwrap_or(digits);
-    // Up to 19 digits cannot overflow a u64; longer ones (all but leading zeros refused by
-    // the callers' bounds anyway) go to std's parser.
+    // Up to 19 digits cannot overflow a u64; longer ones (u64::MAX has 20, and leading
+    // zeros add more) go to std's parser.
     if digits.is_empty() || digits.len() > 19 {
         return std::str::from_utf8(digits).ok()?.parse().ok();
     }

@@ -70,7 +70,7 @@ fuzz_target!(|input: Input<'_>| {
     let tokens = capture::connection_tokens(text.iter().map(|(n, v)| (n.as_str(), v.as_str())));
     let kept: Vec<(String, String)> = text
         .into_iter()
-        .filter(|(n, _)| !capture::is_hop_by_hop(n, &tokens))
+        .filter(|(n, _)| !capture::is_hop_by_hop(n, &tokens) && !capture::is_credential(n))
         .collect();
     let stored: Vec<(String, String)> = record
         .response

@@ -85,7 +85,7 @@ pub fn is_valid_key(key: &str) -> bool {
 /// (which the backend key embeds) or of its scope.
 ///
 /// A label, not a commitment: it only has to tell keys apart in logs. SipHash (a keyed hash
-/// whose key here is public) does that for a tenth of the Wasm instructions of the SHA-256 it
+/// whose key here is public) does that for a seventh of the Wasm instructions of the SHA-256 it
 /// replaced (two blocks for a backend key of a UUID); a key short enough to be guessed would be
 /// found by trying it against either, and one that cannot be guessed is not given away by 48
 /// bits of either.
