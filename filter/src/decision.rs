@@ -183,7 +183,7 @@ pub fn batch_statuses(answer: &CallAnswer, n: usize) -> Vec<Option<u16>> {
 /// The body of an allocation (an [`idempotency_spec::AllocateRequest`], its fields in their
 /// order); `wait` asks the backend to wait for the holder.
 pub fn allocate_body(cfg: &Config, key: &str, fingerprint: Option<&[u8]>, wait: bool) -> Vec<u8> {
-    let fp_len = fingerprint.map_or(0, |f| f.len() * 6 + 2);
+    let fp_len = fingerprint.map_or(0, json::max_string_len);
     let mut out = Vec::with_capacity(128 + json::max_string_len(key) + fp_len);
     out.extend_from_slice(b"{");
     json::field(&mut out, "idempotency_key", key);

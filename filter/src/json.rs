@@ -183,9 +183,9 @@ pub fn field(out: &mut Vec<u8>, name: &str, value: &str) {
     string(out, value);
 }
 
-/// The longest [`string`] of `s` can be: for sizing a buffer once.
-pub fn max_string_len(s: &str) -> usize {
-    s.len().saturating_mul(6).saturating_add(2)
+/// The longest [`string`] (or [`string_bytes`]) of `s` can be: for sizing a buffer once.
+pub fn max_string_len(s: impl AsRef<[u8]>) -> usize {
+    s.as_ref().len().saturating_mul(6).saturating_add(2)
 }
 
 // ----- reading -----

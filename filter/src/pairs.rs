@@ -83,7 +83,10 @@ pub fn number(value: &[u8]) -> Option<u64> {
     let digits = digits.strip_prefix(b"+").unwrap_or(digits);
     // Up to 19 digits cannot overflow a u64; longer ones (u64::MAX has 20, and leading
     // zeros add more) go to std's parser.
-    if digits.is_empty() || digits.len() > 19 {
+    if digits.is_empty() {
+        return None;
+    }
+    if digits.len() > 19 {
         return std::str::from_utf8(digits).ok()?.parse().ok();
     }
     let mut n = 0u64;
