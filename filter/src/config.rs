@@ -38,6 +38,13 @@ pub fn quoted(s: &str) -> String {
     serde_json::to_string(s).unwrap_or_default()
 }
 
+/// A string [`quoted`] without its quotes.
+fn unquoted(q: &str) -> &str {
+    q.strip_prefix('"')
+        .and_then(|q| q.strip_suffix('"'))
+        .unwrap_or(q)
+}
+
 fn err(field: &str, problem: impl Into<String>) -> ConfigError {
     ConfigError {
         field: field.to_string(),
@@ -270,10 +277,7 @@ impl<'a> Obj<'a> {
         for k in map.keys() {
             if !known.contains(&k.as_str()) {
                 // Escaped: the name is the operator's bytes, and the error is one log line.
-                return Err(err(
-                    &join(path, &k.escape_debug().to_string()),
-                    "unknown field",
-                ));
+                return Err(err(&join(path, unquoted(&quoted(k))), "unknown field"));
             }
         }
         Ok(Obj {
@@ -416,7 +420,7 @@ fn show(v: &Value) -> String {
             _ => "a fractional number".to_string(),
         },
         // Escaped, as above: one line whatever the value holds.
-        Value::String(s) if s.len() <= 40 => format!("\"{}\"", s.escape_debug()),
+        Value::String(s) if s.len() <= 40 => quoted(s),
         other => kind(other).to_string(),
     }
 }

@@ -5,8 +5,9 @@
 //! cargo run -p idempotency-tests --example fuel
 //! ```
 //!
-//! Each scenario is measured on an instance that has served a request already (an instance
-//! detects its host once, on its first request).
+//! Each scenario is measured on an instance that has served a keyed request already (an
+//! instance detects its host once, on its first request, and makes its base64 tables on its
+//! first body: `idempotency::b64`).
 //!
 //! Fuel counts the guest's instructions, so the figures do not depend on how the host itself
 //! was compiled (a debug build gives the same numbers as `--release`). Per scenario:
@@ -68,9 +69,9 @@ async fn floor(mode: Mode, size: usize) -> u64 {
 }
 
 /// The filter in `mode` in front of an upstream answering 201 with `size` bytes, after a first
-/// request that is not measured: an instance detects its host on its first request (a
-/// property read or two, and a log line), once for all the requests it will serve. The body
-/// of the requests to send.
+/// keyed request that is not measured: an instance detects its host on its first request (a
+/// property read or two, and a log line) and makes its base64 tables on the first body it
+/// records, once for all the requests it will serve. The body of the requests to send.
 async fn start(mode: Mode, size: usize) -> (E2e, Vec<u8>) {
     // Kong: a body buffer as large as the bodies (README: nginx_http_client_body_buffer_size).
     let t = E2e::setup(mode)
@@ -87,9 +88,10 @@ async fn start(mode: Mode, size: usize) -> (E2e, Vec<u8>) {
             .header("set-cookie", "b=2")
             .body(body.clone()),
     );
-    let r = t.post("/orders", None, body.clone()).send().await.unwrap();
+    let r = t.send("/orders", "\"warm-up\"", body.clone()).await;
     assert_eq!(r.status, 201);
     t.host().settle().await;
+    t.tick().await;
     (t, body)
 }
 
