@@ -127,9 +127,9 @@ pub async fn fuel(
             .header("set-cookie", "b=2")
             .body(body.clone()),
     );
-    // Each instance serves one request before anything is measured: an instance does some
-    // work once, on its first request (the filter detects its host there), that the
-    // requests after it never repeat.
+    // Each instance serves one keyed request before anything is measured: an instance does
+    // some work once, that the requests after it never repeat (the filter detects its host on
+    // its first request, and makes its base64 tables on the first body it records).
     // The floor: the same keyed request through the no-op filter.
     let noop = host(mode, &wasm.noop, &api, backend, "auto").await?;
     anyhow::ensure!(send(&noop, Some("floor-warm"), &body).await? == 201);
@@ -140,7 +140,9 @@ pub async fn fuel(
     noop.finish().await;
 
     let t = host(mode, &wasm.filter, &api, backend, "auto").await?;
-    anyhow::ensure!(send(&t, None, &body).await? == 201);
+    anyhow::ensure!(send(&t, Some(&fuel_key(mode, size, 0)), &body).await? == 201);
+    t.settle().await;
+    t.advance(TICK).await;
     t.settle().await;
     anyhow::ensure!(send(&t, None, &body).await? == 201);
     t.settle().await;

@@ -87,7 +87,7 @@ struct Wide {
 }
 
 thread_local! {
-    /// Made in place on first use (about 30,000 instructions, once per instance), not at
+    /// Made in place on first use (about 68,000 instructions, once per instance), not at
     /// compile time: 12 KiB in the module's data would take it over its size limit
     /// (`tests/tests/filter/size.rs`), while zeros cost the module nothing. A Wasm instance
     /// has one thread; its thread-locals sit at fixed addresses, which the loads take as
