@@ -40,9 +40,7 @@ impl CallAnswer {
     ) -> CallAnswer {
         let get = |name: &str| crate::pairs::get(headers, name);
         let text = |v: &[u8]| String::from_utf8_lossy(v).into_owned();
-        let status = get(":status")
-            .and_then(crate::pairs::number)
-            .and_then(|s| u16::try_from(s).ok());
+        let status = crate::pairs::status(headers);
         let failure = match (status, get(":dispatch_status")) {
             (None, Some(d)) => Some(text(d)),
             (None, None) => Some("no answer".to_string()),

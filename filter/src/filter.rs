@@ -717,9 +717,7 @@ impl HttpContext for Http {
             Phase::Proxying => {
                 let raw = header_map(MapType::HttpResponseHeaders);
                 let headers = pairs::parse(&raw).unwrap_or_default();
-                let status = pairs::get(&headers, ":status")
-                    .and_then(pairs::number)
-                    .and_then(|s| u16::try_from(s).ok());
+                let status = pairs::status(&headers);
                 if let Some(status) = status {
                     let mut capture =
                         CaptureBuf::from_pairs(status, &headers, cfg.max_capture_bytes);

@@ -99,6 +99,16 @@ pub fn number(value: &[u8]) -> Option<u64> {
     Some(n)
 }
 
+/// The `:status` pseudo-header as a status code ([`number`], within `u16`): of an answer to a
+/// call, or of a response. Inlined: called out of line it cost a first request 100
+/// instructions more than the two readings it replaced.
+#[inline(always)]
+pub fn status<N: AsRef<[u8]>, V: AsRef<[u8]>>(pairs: &[(N, V)]) -> Option<u16> {
+    get(pairs, ":status")
+        .and_then(number)
+        .and_then(|s| u16::try_from(s).ok())
+}
+
 /// Whether the header name `name` (any case) is `lower` (in lower case): only `name`'s bytes
 /// are folded, half the work of `eq_ignore_ascii_case` on a name that matches.
 pub fn is_named(name: &[u8], lower: &str) -> bool {
@@ -146,6 +156,10 @@ mod tests {
             get(&decode(&upper).unwrap(), "x-request-id"),
             Some(&b"1"[..])
         );
+        assert_eq!(status(&[(":status", " 201 ")]), Some(201));
+        assert_eq!(status(&[(":status", "70000")]), None);
+        assert_eq!(status(&[(":status", "2x1")]), None);
+        assert_eq!(status::<&str, &str>(&[]), None);
         assert!(is_named(b"Content-LENGTH", "content-length"));
         assert!(!is_named(b"content-lengt", "content-length"));
         assert!(!is_named(b"content_length", "content-length"));
