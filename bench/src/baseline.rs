@@ -1,5 +1,5 @@
 //! The bare baseline: the backend's HTTP stack (axum on tokio's multi-threaded runtime, the
-//! same versions and settings) with a handler that reads the body and answers the bytes the
+//! same versions and settings, the listener's `TCP_DEFER_ACCEPT` included) with a handler that reads the body and answers the bytes the
 //! backend would answer, without looking at them. What the backend costs above it is the
 //! product's own work: parsing, the store, the sync.
 //!
@@ -56,6 +56,10 @@ pub fn run(listen: SocketAddr, answers: [PathBuf; 3]) -> anyhow::Result<()> {
                 .route("/api/v2/captures", route)
                 .with_state(answers);
             let listener = tokio::net::TcpListener::bind(listen).await?;
+            // The backend's listener setting too: with it bare axum gains as much as the
+            // backend does on new connections (bench/limits.md), and the ratio measures the
+            // product's work, not a socket option one of them lacks.
+            idempotency_server::http::defer_accept(&listener);
             axum::serve(listener, app).await?;
             Ok(())
         })
