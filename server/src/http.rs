@@ -106,6 +106,7 @@ pub async fn serve(
 /// How long the kernel holds a connection that has sent nothing before it hands it over
 /// anyway (then [`FirstBytes`] applies): the value nginx and HAProxy set. The kernel counts
 /// it in retransmissions of its SYN-ACK, so a silent client is accepted after about 3 s.
+#[cfg(target_os = "linux")]
 const DEFER_ACCEPT_SECONDS: libc::c_int = 1;
 
 /// `TCP_DEFER_ACCEPT` on the listener: `accept` returns a connection once its first bytes are
