@@ -51,7 +51,7 @@ enum Cmd {
     /// Two builds of the backend compared (a change measured, not a goal): each on the
     /// embedded store, under `wrk -t1 -c32` in turn, with keep-alive (or `--new-connection`);
     /// the medians of their requests per second and of their CPU time per request (user and
-    /// system, from /proc/<pid>/stat).
+    /// system, from `/proc/<pid>/stat`).
     Ab {
         #[arg(long, default_value_t = 8)]
         runs: usize,

@@ -1,7 +1,7 @@
 //! The `env.proxy_*` functions of proxy-wasm ABI 0.2.1 that the Rust SDK 0.2.x imports.
 //! Each returns a `WasmResult` status ([`crate::abi::status`]) or traps (an `Err`); the
 //! SDK panics on a status it does not expect, so a wrong status is a trap too, as in the
-//! real hosts. What differs per host is asked of [`Mode`](crate::Mode).
+//! real hosts. What differs per host is asked of [`Mode`].
 //!
 //! Status codes, per call (ngx: ngx_proxy_wasm_host.c; envoy: proxy-wasm-cpp-host
 //! `exports.cc` and Envoy's `context.cc`):
