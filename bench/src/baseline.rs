@@ -1,7 +1,8 @@
 //! The bare baseline: the backend's HTTP stack (axum on tokio's multi-threaded runtime, the
-//! same versions and settings, the listener's `TCP_DEFER_ACCEPT` included) with a handler that reads the body and answers the bytes the
-//! backend would answer, without looking at them. What the backend costs above it is the
-//! product's own work: parsing, the store, the sync.
+//! same versions and settings, the listener's `TCP_DEFER_ACCEPT` included) with a handler
+//! that reads the body and answers the bytes the backend would answer, without looking at
+//! them. What the backend costs above it is the product's own work: parsing, the store, the
+//! sync.
 //!
 //! It runs as a process of its own (`idempotency-bench baseline`), like the backend, so that
 //! neither shares a runtime with the load generator or the other.

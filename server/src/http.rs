@@ -132,7 +132,8 @@ pub fn defer_accept(listener: &TcpListener) {
         )
     };
     if set != 0 {
-        tracing::warn!(error = %io::Error::last_os_error(), "TCP_DEFER_ACCEPT not set; accepting connections on their handshake");
+        let error = io::Error::last_os_error();
+        tracing::warn!(%error, "TCP_DEFER_ACCEPT not set: connections accepted on their handshake");
     }
 }
 
