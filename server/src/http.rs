@@ -211,8 +211,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for FirstBytes<S> {
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
-                let new = buf.filled().get(before..).unwrap_or_default().to_vec();
-                this.saw(&new);
+                this.saw(buf.filled().get(before..).unwrap_or_default());
                 Poll::Ready(Ok(()))
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
