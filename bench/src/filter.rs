@@ -1,20 +1,19 @@
 //! The filter in the test host (`idempotency-tests`, through its public API only), against a
-//! no-op proxy-wasm filter (`tests/noop`) in the same host: what a request costs in Wasm
-//! instructions (fuel), in memory while it is in flight, and in latency on the whole path
-//! (filter, allocation in the real backend, upstream, record), per host mode.
+//! no-op proxy-wasm filter (`tests/noop`) in the same host: what a request costs in memory
+//! while it is in flight and in latency on the whole path (filter, allocation in the real
+//! backend, upstream, record), per host mode, and where its Wasm instructions go. Its fuel
+//! per request is measured by `idempotency_tests::measure`, which the fuel example shares.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use idempotency_tests::measure::{TICK, gateway, post, upstream_count};
 use idempotency_tests::{Host, Mode, Reply, Upstream, build};
-use serde_json::json;
 
 use crate::median;
-
-pub const TICK: Duration = Duration::from_millis(20);
 
 pub struct Wasm {
     pub filter: PathBuf,
@@ -28,218 +27,6 @@ pub fn wasm() -> Wasm {
     }
 }
 
-/// One host running `module` in `mode`, in front of `api`, calling `backend`; `record` is the
-/// filter's `record` setting (`auto`, its default: inline on Envoy, deferred on Kong).
-async fn host(
-    mode: Mode,
-    module: &PathBuf,
-    api: &Upstream,
-    backend: SocketAddr,
-    record: &str,
-) -> anyhow::Result<Host> {
-    let upstream = match mode {
-        Mode::Ngx => backend.to_string(),
-        Mode::Envoy => "idempotency".into(),
-    };
-    let config = json!({
-        "server": { "upstream": upstream },
-        "max_request_body_bytes": 1 << 20,
-        "tick_ms": TICK.as_millis() as u64,
-        "record": record,
-    });
-    Host::builder(mode, module)
-        .filter_name("idempotency")
-        .upstream(api.addr())
-        .cluster("idempotency", backend)
-        // Kong: a body buffer as large as the bodies (README: nginx_http_client_body_buffer_size).
-        .client_body_buffer_size(1 << 20)
-        .config(config.to_string())
-        .start()
-        .await
-}
-
-async fn send(host: &Host, key: Option<&str>, body: &[u8]) -> anyhow::Result<u16> {
-    let mut request = host
-        .client()
-        .request("POST", "/orders")
-        .header("content-type", "application/octet-stream");
-    if let Some(key) = key {
-        request = request.header("idempotency-key", format!("\"{key}\""));
-    }
-    Ok(request.body(body.to_vec()).send().await?.status)
-}
-
-fn last_fuel(host: &Host) -> u64 {
-    host.fuel().requests.last().map_or(0, |r| r.fuel)
-}
-
-/// Waits (polling, with a deadline) until the upstream has seen `n` requests.
-async fn upstream_count(api: &Upstream, n: usize) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while api.count("/orders") < n {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the upstream saw {} of {n}",
-            api.count("/orders")
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    Ok(())
-}
-
-#[derive(Clone, Copy, Debug, Default)]
-pub struct FuelRow {
-    pub mode: &'static str,
-    pub size: usize,
-    pub floor: u64,
-    pub no_key: u64,
-    pub first: u64,
-    pub replay: u64,
-    pub conflict: u64,
-}
-
-/// The key of the fuel rows' `n`th keyed request: shaped like a UUID, the key clients send,
-/// and always 36 characters. The filter checks, copies, hashes and writes the key into its
-/// calls, so its length is part of the figure: keys that carried the suite's pid moved it by
-/// a few hundred instructions from run to run (bench/experiments.md, Fuel).
-fn fuel_key(mode: Mode, size: usize, n: u32) -> String {
-    let mode = match mode {
-        Mode::Ngx => 1,
-        Mode::Envoy => 2,
-    };
-    format!("{mode:08x}-{n:04x}-4000-8000-{size:012x}")
-}
-
-/// Fuel per request for bodies (request and response) of `size` bytes.
-pub async fn fuel(
-    mode: Mode,
-    size: usize,
-    wasm: &Wasm,
-    backend: SocketAddr,
-) -> anyhow::Result<FuelRow> {
-    let body: Vec<u8> = (0..size).map(|i| b'a' + (i % 26) as u8).collect();
-    let api = Upstream::start().await;
-    api.reply(
-        "/orders",
-        Reply::new(201)
-            .header("content-type", "application/octet-stream")
-            .header("set-cookie", "a=1")
-            .header("set-cookie", "b=2")
-            .body(body.clone()),
-    );
-    // Each instance serves one keyed request before anything is measured: an instance does
-    // some work once, that the requests after it never repeat (the filter detects its host on
-    // its first request, and makes its base64 tables on the first body it records).
-    // The floor: the same keyed request through the no-op filter.
-    let noop = host(mode, &wasm.noop, &api, backend, "auto").await?;
-    anyhow::ensure!(send(&noop, Some("floor-warm"), &body).await? == 201);
-    noop.settle().await;
-    anyhow::ensure!(send(&noop, Some("floor"), &body).await? == 201);
-    noop.settle().await;
-    let floor = last_fuel(&noop);
-    noop.finish().await;
-
-    let t = host(mode, &wasm.filter, &api, backend, "auto").await?;
-    anyhow::ensure!(send(&t, Some(&fuel_key(mode, size, 0)), &body).await? == 201);
-    t.settle().await;
-    t.advance(TICK).await;
-    t.settle().await;
-    anyhow::ensure!(send(&t, None, &body).await? == 201);
-    t.settle().await;
-    let no_key = last_fuel(&t);
-    // First: allocate, copy, record (Kong: from the tick, in the root context).
-    let first_key = fuel_key(mode, size, 1);
-    anyhow::ensure!(send(&t, Some(&first_key), &body).await? == 201);
-    t.settle().await;
-    let http = last_fuel(&t);
-    let root = t.fuel().root;
-    t.advance(TICK).await;
-    t.settle().await;
-    let first = http + (t.fuel().root - root);
-    anyhow::ensure!(send(&t, Some(&first_key), &body).await? == 201, "replay");
-    t.settle().await;
-    let replay = last_fuel(&t);
-    // Conflict: a duplicate while the first is held in the upstream.
-    let seen = api.count("/orders");
-    api.hold("/orders");
-    let held = {
-        let client = t.client();
-        let key = format!("\"{}\"", fuel_key(mode, size, 2));
-        let body = body.clone();
-        tokio::spawn(async move {
-            client
-                .request("POST", "/orders")
-                .header("content-type", "application/octet-stream")
-                .header("idempotency-key", key)
-                .body(body)
-                .send()
-                .await
-        })
-    };
-    upstream_count(&api, seen + 1).await?;
-    let status = send(&t, Some(&fuel_key(mode, size, 2)), &body).await?;
-    anyhow::ensure!(status == 409, "conflict: {status}");
-    let conflict = last_fuel(&t);
-    api.release("/orders");
-    held.await??;
-    t.advance(TICK).await;
-    t.finish().await;
-    Ok(FuelRow {
-        mode: mode.name(),
-        size,
-        floor,
-        no_key,
-        first,
-        replay,
-        conflict,
-    })
-}
-
-/// Where the fixed part of a keyed request's fuel goes: a flame graph (SVG) of `n` first
-/// keyed requests with empty bodies on Kong (their records, sent from the tick, included),
-/// per function of the module, through a build of it that keeps its functions' names (the
-/// same code: the same fuel). Exact counts, not samples (`idempotency_tests::profile`).
-pub async fn flame(backend: SocketAddr, n: u32) -> anyhow::Result<String> {
-    let mode = Mode::Ngx;
-    let module = build::wasm_with_names("idempotency");
-    let api = Upstream::start().await;
-    api.reply(
-        "/orders",
-        Reply::new(201).header("content-type", "application/octet-stream"),
-    );
-    // Only this host's instance is profiled: the switch is on while it is made.
-    idempotency_tests::profile::set_enabled(true);
-    let t = host(mode, &module, &api, backend, "auto").await;
-    let profiled = async {
-        let t = t?;
-        // The instance's first request (its host detected) is not counted, as in the rows.
-        anyhow::ensure!(send(&t, Some(&fuel_key(mode, 0, 0)), b"").await? == 201);
-        t.settle().await;
-        t.advance(TICK).await;
-        t.settle().await;
-        idempotency_tests::profile::reset();
-        for i in 1..=n {
-            anyhow::ensure!(send(&t, Some(&fuel_key(mode, 0, i)), b"").await? == 201);
-            t.settle().await;
-            t.advance(TICK).await;
-            t.settle().await;
-        }
-        let folded = idempotency_tests::profile::folded();
-        t.finish().await;
-        Ok(folded)
-    }
-    .await;
-    idempotency_tests::profile::set_enabled(false);
-    let title = format!(
-        "idempotency.wasm on Kong (ngx): {n} first keyed requests with empty bodies, their records included"
-    );
-    Ok(idempotency_tests::flame::svg(
-        &profiled?,
-        &title,
-        "instructions",
-    ))
-}
-
 /// The resident memory of this process.
 fn rss() -> anyhow::Result<u64> {
     crate::backend::rss(std::process::id())
@@ -250,13 +37,13 @@ fn rss() -> anyhow::Result<u64> {
 /// connections and tasks included), and how much the Wasm instance's linear memory does.
 async fn in_flight_memory(
     mode: Mode,
-    module: &PathBuf,
+    module: &Path,
     backend: SocketAddr,
     n: usize,
 ) -> anyhow::Result<(f64, f64)> {
     let api = Upstream::start().await;
     api.reply("/orders", Reply::new(201).body(vec![b'r'; 1024]));
-    let h = host(mode, module, &api, backend, "auto").await?;
+    let h = gateway(mode, module, &api, backend, "auto").await?;
     let body = vec![b'q'; 1024];
     let tag = format!(
         "mem-{}-{}-{}",
@@ -265,7 +52,7 @@ async fn in_flight_memory(
         Instant::now().elapsed().as_nanos()
     );
     // Warm: one request through, so that lazily made state exists before the measurement.
-    send(&h, Some(&format!("{tag}-warm")), &body).await?;
+    post(&h, Some(&format!("{tag}-warm")), &body).await?;
     h.advance(TICK).await;
     h.settle().await;
     let before = rss()?;
@@ -387,7 +174,7 @@ async fn max_load(
         clients.spawn(async move {
             let mut n = 0u64;
             while Instant::now() < until {
-                let status = send(&host, Some(&format!("{tag}-{c}-{n}")), LATENCY_BODY).await?;
+                let status = post(&host, Some(&format!("{tag}-{c}-{n}")), LATENCY_BODY).await?;
                 anyhow::ensure!(status == 201, "status {status}");
                 n += 1;
             }
@@ -419,7 +206,7 @@ async fn at_rate(
         let host = host.clone();
         let key = format!("{tag}-{n}");
         clients.spawn(async move {
-            let status = send(&host, Some(&key), LATENCY_BODY).await?;
+            let status = post(&host, Some(&key), LATENCY_BODY).await?;
             anyhow::ensure!(status == 201, "status {status}");
             anyhow::Ok(due.elapsed())
         });
@@ -470,8 +257,8 @@ pub async fn latency(
             .header("content-type", "application/json")
             .body(r#"{"id":42,"status":"accepted"}"#),
     );
-    let filter = Arc::new(host(mode, &wasm.filter, &api, backend, record).await?);
-    let noop = Arc::new(host(mode, &wasm.noop, &api, backend, "auto").await?);
+    let filter = Arc::new(gateway(mode, &wasm.filter, &api, backend, record).await?);
+    let noop = Arc::new(gateway(mode, &wasm.noop, &api, backend, "auto").await?);
     let clocks = [Clock::start(filter.clone()), Clock::start(noop.clone())];
     let tag = format!("lat-{}-{record}-{}", mode.name(), std::process::id());
     let max_rps = max_load(&filter, &format!("{tag}-max"), 16, seconds).await?;
@@ -503,4 +290,21 @@ pub async fn latency(
         filter: (median(f50), median(f99)),
         noop: (median(n50), median(n99)),
     })
+}
+
+/// Where the fixed part of a keyed request's fuel goes: a flame graph (SVG) of `n` first
+/// keyed requests with empty bodies on Kong (their records, sent from the tick, included),
+/// per function of the module (`idempotency_tests::measure::first_requests`).
+pub async fn flame(backend: SocketAddr, n: u32) -> anyhow::Result<String> {
+    let module = build::wasm_with_names("idempotency");
+    let profile =
+        idempotency_tests::measure::first_requests(Mode::Ngx, &module, backend, n, 0).await?;
+    let title = format!(
+        "idempotency.wasm on Kong (ngx): {n} first keyed requests with empty bodies, their records included"
+    );
+    Ok(idempotency_tests::flame::svg(
+        &profile.folded,
+        &title,
+        "instructions",
+    ))
 }

@@ -273,7 +273,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut latency = Vec::new();
     for mode in [Mode::Ngx, Mode::Envoy] {
         for size in [1024, 64 * 1024] {
-            fuel.push(filter::fuel(mode, size, &wasm, backend.addr).await?);
+            fuel.push(
+                idempotency_tests::measure::fuel(
+                    mode,
+                    size,
+                    &wasm.filter,
+                    &wasm.noop,
+                    backend.addr,
+                )
+                .await?,
+            );
         }
         memory.push(filter::memory(mode, &wasm, backend.addr, args.runs).await?);
     }

@@ -6,9 +6,10 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use crate::backend::{Disk, Run, Scenario};
-use crate::filter::{FuelRow, Latency, Memory};
+use crate::filter::{Latency, Memory};
 use crate::store::{CONCURRENCY, Sweep};
 use crate::{Args, Figure};
+use idempotency_tests::measure::FuelRow;
 
 const LIMITS: &str = include_str!("../limits.md");
 

@@ -25,6 +25,7 @@
 //! | [`observed`] | logs, metrics, shared data, fuel, violations (survive an ngx reset) |
 //! | [`profile`] | a profiling aid: the guest's fuel counted per function and per stack (`IDEMPOTENCY_HOST_PROFILE`) |
 //! | [`flame`] | a flame graph (SVG) of those stacks |
+//! | [`measure`] | what the fuel example and the performance suite share: a gateway calling a backend, the fuel per request against the no-op filter, the profile of first requests |
 //! | [`exposition`] | the filter's metrics as each host exports them: Kong's Prometheus plugin (`pw_<filter>_<name>`), Envoy's `/stats` (`wasmcustom.<name>`) and `/stats/prometheus` |
 //! | [`upstream`] | the counting upstream (the API behind the gateway), and a port that refuses connections |
 //! | [`client`] | a small HTTP/1.1 client (status, reason, repeated headers, bytes) |
@@ -223,6 +224,7 @@ pub mod exposition;
 pub mod flame;
 pub mod host;
 pub mod hostcalls;
+pub mod measure;
 pub mod observed;
 pub mod profile;
 pub mod properties;
