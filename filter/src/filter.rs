@@ -302,8 +302,10 @@ impl Http {
             !end_of_stream
         };
         let content_type = get("content-type");
-        self.fingerprint = Some(Fingerprint::new(method, path, content_type));
+        // One fingerprint begun per request: each is a SHA-256 whose first block is hashed as
+        // soon as its fields pass 64 bytes (a path and a `Content-Type` of the usual lengths).
         if !body_expected {
+            self.fingerprint = Some(Fingerprint::new(method, path, content_type));
             return self.allocate(cfg);
         }
         match host::body_plan(self.host, cfg.envoy_body) {
@@ -319,6 +321,7 @@ impl Http {
                 self.allocate(cfg)
             }
             BodyPlan::Read { pause_headers } => {
+                self.fingerprint = Some(Fingerprint::new(method, path, content_type));
                 self.phase = Phase::ReadingBody;
                 if pause_headers {
                     Action::Pause
