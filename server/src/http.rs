@@ -9,6 +9,8 @@
 //!   read to answer). Before hyper knows the protocol, the first bytes (up to the 24 of the
 //!   HTTP/2 preface) are under the same deadline ([`FirstBytes`]): hyper-util's version
 //!   detection has none, and a client that connects and sends nothing would stay for ever.
+//!   [`FirstBytes`] also reads those first bytes ahead, so that a new connection's request is
+//!   read in one system call, not the detection's 24 bytes and then the rest.
 //! - **the body** (`--body-read-timeout`): the whole body must arrive within this time from
 //!   the head on ([`TimedBody`]); the body extractor then answers 408 (`request-timeout`)
 //!   and the connection is closed.
@@ -164,13 +166,26 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// protocol it speaks (a byte that is not the HTTP/2 preface's, or the whole preface), a read
 /// that finds nothing after the deadline fails with `TimedOut`, which ends the connection.
 /// After that hyper's own time-outs apply and this is a plain pass-through.
+///
+/// Until then it also reads ahead: hyper-util's version detection asks for 24 bytes (the
+/// preface's length), and hyper would then read the rest of the request in a second system
+/// call. A read of up to [`FIRST_READ`] bytes takes the whole of a usual request at once (an
+/// allocation's is about 200 bytes); what the detection did not take is handed to hyper's
+/// next reads from here. One `recvfrom` per new connection fewer (bench/experiments.md).
 pub struct FirstBytes<S> {
     inner: S,
     /// `None` once the protocol is known.
     deadline: Option<Pin<Box<Sleep>>>,
     /// How many bytes matched the HTTP/2 preface so far.
     matched: usize,
+    /// Bytes read ahead and not handed over yet, from `given` on.
+    ahead: Vec<u8>,
+    given: usize,
 }
+
+/// How much the first read takes, into a buffer on the stack: a request head and a small
+/// body. A larger request is read on by hyper itself, as without the read-ahead.
+const FIRST_READ: usize = 4096;
 
 impl<S> FirstBytes<S> {
     pub fn new(inner: S, limit: Duration) -> FirstBytes<S> {
@@ -178,6 +193,21 @@ impl<S> FirstBytes<S> {
             inner,
             deadline: Some(Box::pin(tokio::time::sleep(limit))),
             matched: 0,
+            ahead: Vec::new(),
+            given: 0,
+        }
+    }
+
+    /// Hands over as much of what was read ahead as `buf` takes; frees the buffer once all
+    /// of it went.
+    fn give(&mut self, buf: &mut ReadBuf<'_>) {
+        let rest = self.ahead.get(self.given..).unwrap_or_default();
+        let n = rest.len().min(buf.remaining());
+        buf.put_slice(rest.get(..n).unwrap_or_default());
+        self.given += n;
+        if self.given == self.ahead.len() {
+            self.ahead = Vec::new();
+            self.given = 0;
         }
     }
 
@@ -205,13 +235,28 @@ impl<S: AsyncRead + Unpin> AsyncRead for FirstBytes<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        if this.given < this.ahead.len() {
+            this.give(buf);
+            return Poll::Ready(Ok(()));
+        }
         if this.deadline.is_none() {
             return Pin::new(&mut this.inner).poll_read(cx, buf);
         }
-        let before = buf.filled().len();
-        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+        // On the stack: a read that finds nothing (the deadline's case) allocates nothing.
+        let mut space = [0u8; FIRST_READ];
+        let mut own = ReadBuf::new(&mut space);
+        match Pin::new(&mut this.inner).poll_read(cx, &mut own) {
             Poll::Ready(Ok(())) => {
-                this.saw(buf.filled().get(before..).unwrap_or_default());
+                let read = own.filled();
+                this.saw(read);
+                let (now, later) = read.split_at(read.len().min(buf.remaining()));
+                buf.put_slice(now);
+                // Kept only when the caller's buffer was too small for the read (hyper-util's
+                // 24 bytes): one allocation of the rest, instead of a system call.
+                if !later.is_empty() {
+                    this.ahead = later.to_vec();
+                    this.given = 0;
+                }
                 Poll::Ready(Ok(()))
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
@@ -356,6 +401,94 @@ mod tests {
         h2.saw(&H2_PREFACE[10..]);
         assert!(h2.deadline.is_none());
         assert_eq!(h2.matched, 24);
+    }
+
+    /// A peer whose bytes arrive in the given chunks, each returned by one read (as much of
+    /// it as the reader's buffer takes); it counts the reads, the system calls of a socket.
+    struct Peer {
+        chunks: std::collections::VecDeque<Vec<u8>>,
+        reads: usize,
+    }
+
+    impl Peer {
+        fn new(chunks: &[&[u8]]) -> Peer {
+            Peer {
+                chunks: chunks.iter().map(|c| c.to_vec()).collect(),
+                reads: 0,
+            }
+        }
+    }
+
+    impl AsyncRead for Peer {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            self.reads += 1;
+            if let Some(mut chunk) = self.chunks.pop_front() {
+                let n = chunk.len().min(buf.remaining());
+                let rest = chunk.split_off(n);
+                buf.put_slice(&chunk);
+                if !rest.is_empty() {
+                    self.chunks.push_front(rest);
+                }
+            }
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// What hyper-util and then hyper read: 24 bytes for the version, then reads of 8 KiB
+    /// until the peer has nothing more (a read of 0 bytes).
+    async fn read_as_hyper(first: &mut FirstBytes<Peer>) -> Vec<u8> {
+        use tokio::io::AsyncReadExt as _;
+        let mut got = vec![0u8; 24];
+        let n = first.read(&mut got).await.unwrap();
+        got.truncate(n);
+        let mut buf = vec![0u8; 8192];
+        loop {
+            let n = first.read(&mut buf).await.unwrap();
+            if n == 0 {
+                return got;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_that_arrived_whole_is_read_from_the_socket_once() {
+        let request = b"PUT /api/v2/captures HTTP/1.1\r\nhost: b\r\ncontent-type: application/json\r\ncontent-length: 33\r\nconnection: close\r\n\r\n{\"idempotency_key\":\"k-1234567\"}";
+        let mut first = FirstBytes::new(Peer::new(&[request]), Duration::from_secs(1));
+        let got = read_as_hyper(&mut first).await;
+        assert_eq!(got, request);
+        assert!(first.deadline.is_none(), "the protocol is known");
+        // One read for the whole request, one that found the end; without the read-ahead,
+        // one more between them.
+        assert_eq!(first.inner.reads, 2);
+        assert!(first.ahead.is_empty(), "nothing is kept once handed over");
+    }
+
+    #[tokio::test]
+    async fn every_byte_passes_in_order_whatever_the_chunks() {
+        let large: Vec<u8> = (0..3 * FIRST_READ).map(|i| b'a' + (i % 26) as u8).collect();
+        let mut h2 = H2_PREFACE.to_vec();
+        h2.extend_from_slice(b"\0\0\0\x04\0\0\0\0\0");
+        let cases: [(&str, Vec<&[u8]>); 4] = [
+            ("a request longer than the first read", vec![&large[..]]),
+            ("the preface and a frame at once", vec![&h2[..]]),
+            ("the preface in two reads", vec![&h2[..8], &h2[8..]]),
+            (
+                "a byte at a time at first",
+                vec![&b"P"[..], &b"O"[..], &b"ST / HTTP/1.1\r\n\r\n"[..]],
+            ),
+        ];
+        for (case, chunks) in cases {
+            let whole = chunks.concat();
+            let mut first = FirstBytes::new(Peer::new(&chunks), Duration::from_secs(1));
+            assert_eq!(read_as_hyper(&mut first).await, whole, "{case}");
+            assert!(first.deadline.is_none(), "{case}: the protocol is known");
+            assert!(first.ahead.is_empty(), "{case}");
+        }
     }
 
     /// What the kernel says of the listener after [`defer_accept`]: a period, where a plain
