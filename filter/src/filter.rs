@@ -232,7 +232,8 @@ impl Http {
         let headers = pairs::parse(&raw).unwrap_or_default();
         let get = |name: &str| pairs::get(&headers, name);
         self.context = CallContext::of(get);
-        if is_grpc(get("content-type")) {
+        let content_type = get("content-type");
+        if is_grpc(content_type) {
             return self.grpc();
         }
         let mut values = headers
@@ -301,7 +302,6 @@ impl Http {
         } else {
             !end_of_stream
         };
-        let content_type = get("content-type");
         // One fingerprint begun per request: each is a SHA-256 whose first block is hashed as
         // soon as its fields pass 64 bytes (a path and a `Content-Type` of the usual lengths).
         if !body_expected {
