@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use idempotency_tests::measure::{TICK, gateway, post, upstream_count};
+use idempotency_tests::measure::{TICK, gateway, post, request, upstream_count};
 use idempotency_tests::{Host, Mode, Reply, Upstream, build};
 
 use crate::median;
@@ -60,12 +60,7 @@ async fn in_flight_memory(
     api.hold("/orders");
     let mut clients = tokio::task::JoinSet::new();
     for i in 0..n {
-        let request = h
-            .client()
-            .request("POST", "/orders")
-            .header("content-type", "application/octet-stream")
-            .header("idempotency-key", format!("\"{tag}-{i}\""))
-            .body(body.clone());
+        let request = request(&h, Some(&format!("{tag}-{i}")), &body);
         clients.spawn(async move { request.send().await });
     }
     upstream_count(&api, n + 1).await?;

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::{Host, Mode, Reply, Upstream, profile};
+use crate::{ClientRequest, Host, Mode, Reply, Upstream, profile};
 
 /// The filter's tick (`tick_ms`): the deferred records are sent from it.
 pub const TICK: Duration = Duration::from_millis(20);
@@ -47,8 +47,9 @@ pub async fn gateway(
         .await
 }
 
-/// A POST of `body` to `/orders`, with `key` as the key (an sf-string) when given: its status.
-pub async fn post(host: &Host, key: Option<&str>, body: &[u8]) -> anyhow::Result<u16> {
+/// A POST of `body` to `/orders` through `host`, with `key` as the key (an sf-string) when
+/// given, to send now or from a task of its own.
+pub fn request(host: &Host, key: Option<&str>, body: &[u8]) -> ClientRequest {
     let mut request = host
         .client()
         .request("POST", "/orders")
@@ -56,7 +57,12 @@ pub async fn post(host: &Host, key: Option<&str>, body: &[u8]) -> anyhow::Result
     if let Some(key) = key {
         request = request.header("idempotency-key", format!("\"{key}\""));
     }
-    Ok(request.body(body.to_vec()).send().await?.status)
+    request.body(body.to_vec())
+}
+
+/// [`request`] sent: its status.
+pub async fn post(host: &Host, key: Option<&str>, body: &[u8]) -> anyhow::Result<u16> {
+    Ok(request(host, key, body).send().await?.status)
 }
 
 /// Once nothing is in flight, one tick (the deferred records are sent), then settled again.
@@ -170,20 +176,8 @@ pub async fn fuel(
     // Conflict: a duplicate while the first is held in the upstream.
     let seen = api.count("/orders");
     api.hold("/orders");
-    let held = {
-        let client = t.client();
-        let key = format!("\"{}\"", key(mode, size, 2));
-        let body = body.clone();
-        tokio::spawn(async move {
-            client
-                .request("POST", "/orders")
-                .header("content-type", "application/octet-stream")
-                .header("idempotency-key", key)
-                .body(body)
-                .send()
-                .await
-        })
-    };
+    let held = request(&t, Some(&key(mode, size, 2)), &body);
+    let held = tokio::spawn(async move { held.send().await });
     upstream_count(&api, seen + 1).await?;
     let status = post(&t, Some(&key(mode, size, 2)), &body).await?;
     anyhow::ensure!(status == 409, "conflict: {status}");
