@@ -2,33 +2,35 @@
 //! content-type and the body, streamed (the body is hashed as it passes, never kept).
 //! The same key presented with another fingerprint gets 422 from the backend.
 
-use sha2::{Digest, Sha256};
+use crate::sha::Sha;
 
 /// A fingerprint being computed.
 #[derive(Clone)]
 pub struct Fingerprint {
-    hasher: Sha256,
+    hasher: Sha,
     body_len: u64,
 }
 
-fn put(h: &mut Sha256, bytes: &[u8]) {
-    h.update((bytes.len() as u64).to_be_bytes());
-    h.update(bytes);
+/// A length-prefixed field of the request's line and type, which many requests share (only a
+/// first block of such fields is cached, [`crate::sha`]).
+fn put(h: &mut Sha, bytes: &[u8]) {
+    h.update_common((bytes.len() as u64).to_be_bytes());
+    h.update_common(bytes);
 }
 
 impl Fingerprint {
     /// From the request's bytes as sent (none of them need be UTF-8).
     pub fn new(method: &[u8], path_with_query: &[u8], content_type: Option<&[u8]>) -> Fingerprint {
-        let mut hasher = Sha256::new();
+        let mut hasher = Sha::new();
         put(&mut hasher, b"idempotency-fingerprint/1");
         put(&mut hasher, method);
         put(&mut hasher, path_with_query);
         match content_type {
             Some(ct) => {
-                hasher.update([1]);
+                hasher.update_common([1]);
                 put(&mut hasher, ct.trim_ascii());
             }
-            None => hasher.update([0]),
+            None => hasher.update_common([0]),
         }
         Fingerprint {
             hasher,
@@ -67,7 +69,7 @@ impl Fingerprint {
     /// (whose UTF-8 check alone cost more than the digits).
     pub fn finish(mut self) -> [u8; 72] {
         self.hasher.update(self.body_len.to_be_bytes());
-        let digest: [u8; 32] = self.hasher.finalize().into();
+        let digest = self.hasher.finalize();
         let mut out = *b"sha-256:0000000000000000000000000000000000000000000000000000000000000000";
         for (pair, b) in out[8..].chunks_exact_mut(2).zip(digest) {
             pair.copy_from_slice(&crate::json::hex_pair(b));

@@ -14,6 +14,7 @@
 //! - [`key`]: the header value (RFC 8941 sf-string or bare token) and the backend key.
 //! - [`scope`]: the scope digest (route, `scope.headers`): clients never share a key.
 //! - [`fingerprint`]: streaming SHA-256 of method, path, content-type and body.
+//! - [`sha`]: SHA-256 that looks its first block up in a small cache of the instance.
 //! - [`decision`]: what each backend answer means; the calls' bodies and headers.
 //! - [`capture`]: copying the response as it passes; record or release at its end.
 //! - [`replay`]: a stored capture as a local reply, and the host fix-ups that make it exact.
@@ -85,6 +86,7 @@ pub mod queue;
 pub mod replay;
 pub mod root;
 pub mod scope;
+pub mod sha;
 pub mod shared;
 
 /// Size classes in front of the system allocator ([`allocator`] says why).

@@ -7,7 +7,7 @@
 //! then, for each configured header name in order, the name and every value the request sent
 //! (a missing header and an empty one differ).
 
-use sha2::{Digest, Sha256};
+use crate::sha::Sha;
 
 /// What the scope is computed from: the bytes as the client sent them (a header value need
 /// not be UTF-8, and two different byte strings must never make the same scope).
@@ -20,7 +20,15 @@ pub struct ScopeInput<'a> {
     pub headers: &'a [(&'a [u8], &'a [u8])],
 }
 
-fn put(h: &mut Sha256, bytes: &[u8]) {
+/// A length-prefixed field that many requests share: a tag, the route, a header's name (only
+/// a first block of such fields is cached, [`crate::sha`]).
+fn put_common(h: &mut Sha, bytes: &[u8]) {
+    h.update_common((bytes.len() as u64).to_be_bytes());
+    h.update_common(bytes);
+}
+
+/// A length-prefixed header value.
+fn put(h: &mut Sha, bytes: &[u8]) {
     h.update((bytes.len() as u64).to_be_bytes());
     h.update(bytes);
 }
@@ -33,26 +41,26 @@ pub fn path_without_query(path: &[u8]) -> &[u8] {
 /// The scope digest. `header_names` in lower case, as the configuration gives them (the
 /// request's names match in any case).
 pub fn digest(route: bool, header_names: &[String], input: &ScopeInput<'_>) -> [u8; 32] {
-    let mut h = Sha256::new();
-    put(&mut h, b"idempotency-scope/1");
+    let mut h = Sha::new();
+    put_common(&mut h, b"idempotency-scope/1");
     if route {
-        put(&mut h, b"route");
-        put(&mut h, input.method);
+        put_common(&mut h, b"route");
+        put_common(&mut h, input.method);
         // The host in lower case, without a copy.
-        h.update((input.host.len() as u64).to_be_bytes());
+        h.update_common((input.host.len() as u64).to_be_bytes());
         let mut buf = [0u8; 64];
         for chunk in input.host.chunks(buf.len()) {
             let lower = buf.get_mut(..chunk.len()).unwrap_or_default();
             for (l, b) in lower.iter_mut().zip(chunk) {
                 *l = b.to_ascii_lowercase();
             }
-            h.update(&*lower);
+            h.update_common(&*lower);
         }
-        put(&mut h, path_without_query(input.path));
+        put_common(&mut h, path_without_query(input.path));
     }
     for name in header_names {
-        put(&mut h, b"header");
-        put(&mut h, name.as_bytes());
+        put_common(&mut h, b"header");
+        put_common(&mut h, name.as_bytes());
         let values = || {
             input
                 .headers
@@ -66,7 +74,7 @@ pub fn digest(route: bool, header_names: &[String], input: &ScopeInput<'_>) -> [
             put(&mut h, v);
         }
     }
-    h.finalize().into()
+    h.finalize()
 }
 
 #[cfg(test)]

@@ -14,7 +14,9 @@
 //! - first: the allocation, the copy of the response and its record (on Kong the record is
 //!   sent from the root context's tick, whose cost is added);
 //! - replay: the retry, answered from the stored capture (fix-ups included);
-//! - conflict: a duplicate while the first is in flight (409).
+//! - conflict: a duplicate while the first is in flight (409);
+//! - new route: a first request on a route the instance has not served, whose digests' first
+//!   blocks are not cached yet (`idempotency::sha`); `first` is on a route it has.
 //!
 //! With `IDEMPOTENCY_HOST_PROFILE=<n>` it sends instead `n` first requests (1 KiB bodies, or
 //! `IDEMPOTENCY_PROFILE_BODY` bytes) per mode and prints where their instructions went, by
@@ -64,8 +66,8 @@ async fn main() {
     let backend = support::Backend::start().await;
     println!("Wasm instructions (fuel) per request, idempotency.wasm (--profile wasm)");
     println!(
-        "{:<6} {:>6} {:>8} {:>14} {:>14} {:>12} {:>12}",
-        "mode", "body", "no-op", "no key", "first", "replay", "conflict"
+        "{:<6} {:>6} {:>8} {:>14} {:>14} {:>12} {:>12} {:>12}",
+        "mode", "body", "no-op", "no key", "first", "replay", "conflict", "new route"
     );
     for mode in [Mode::Ngx, Mode::Envoy] {
         for (label, size) in [("1 KiB", 1024), ("64 KiB", 64 * 1024)] {
@@ -74,14 +76,15 @@ async fn main() {
                 .unwrap();
             let ratio = row.no_key as f64 / row.floor as f64;
             println!(
-                "{:<6} {:>6} {:>8} {:>8} ({ratio:.1}×) {:>14} {:>12} {:>12}",
+                "{:<6} {:>6} {:>8} {:>8} ({ratio:.1}×) {:>14} {:>12} {:>12} {:>12}",
                 mode.name(),
                 label,
                 row.floor,
                 row.no_key,
                 row.first,
                 row.replay,
-                row.conflict
+                row.conflict,
+                row.new_route
             );
         }
     }

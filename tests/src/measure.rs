@@ -50,10 +50,24 @@ pub async fn gateway(
 /// A POST of `body` to `/orders` through `host`, with `key` as the key (an sf-string) when
 /// given, to send now or from a task of its own.
 pub fn request(host: &Host, key: Option<&str>, body: &[u8]) -> ClientRequest {
+    request_on(host, None, "/orders", key, body)
+}
+
+/// [`request`] to `path` (which may have a query) under another `Host` when given.
+fn request_on(
+    host: &Host,
+    authority: Option<&str>,
+    path: &str,
+    key: Option<&str>,
+    body: &[u8],
+) -> ClientRequest {
     let mut request = host
         .client()
-        .request("POST", "/orders")
+        .request("POST", path)
         .header("content-type", "application/octet-stream");
+    if let Some(authority) = authority {
+        request = request.header("host", authority);
+    }
     if let Some(key) = key {
         request = request.header("idempotency-key", format!("\"{key}\""));
     }
@@ -135,6 +149,10 @@ pub struct FuelRow {
     pub replay: u64,
     /// A duplicate while the first is in flight (409).
     pub conflict: u64,
+    /// [`FuelRow::first`] on a route the instance has not served (another host, and a query
+    /// that makes the path longer): neither digest's first block is cached yet
+    /// (`idempotency::sha`). `first` is on the route of the instance's earlier requests.
+    pub new_route: u64,
 }
 
 /// [`FuelRow`] for `filter`, against `noop`, both calling `backend`.
@@ -185,6 +203,19 @@ pub async fn fuel(
     api.release("/orders");
     held.await??;
     tick(&t).await;
+    let fresh = request_on(
+        &t,
+        Some("api.example"),
+        "/orders?route=new",
+        Some(&key(mode, size, 3)),
+        &body,
+    );
+    anyhow::ensure!(fresh.send().await?.status == 201, "new route");
+    t.settle().await;
+    let http = last_fuel(&t);
+    let root = t.fuel().root;
+    tick(&t).await;
+    let new_route = http + (t.fuel().root - root);
     t.finish().await;
     Ok(FuelRow {
         mode: mode.name(),
@@ -194,6 +225,7 @@ pub async fn fuel(
         first,
         replay,
         conflict,
+        new_route,
     })
 }
 
