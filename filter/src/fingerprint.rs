@@ -11,24 +11,18 @@ pub struct Fingerprint {
     body_len: u64,
 }
 
-/// A length-prefixed field of the request's line and type, which many requests share (only a
-/// first block of such fields is cached, [`crate::sha`]).
-fn put(h: &mut Sha, bytes: &[u8]) {
-    h.update_common((bytes.len() as u64).to_be_bytes());
-    h.update_common(bytes);
-}
-
 impl Fingerprint {
     /// From the request's bytes as sent (none of them need be UTF-8).
     pub fn new(method: &[u8], path_with_query: &[u8], content_type: Option<&[u8]>) -> Fingerprint {
         let mut hasher = Sha::new();
-        put(&mut hasher, b"idempotency-fingerprint/1");
-        put(&mut hasher, method);
-        put(&mut hasher, path_with_query);
+        // The request's line and type: what many requests share.
+        hasher.field_common(b"idempotency-fingerprint/1");
+        hasher.field_common(method);
+        hasher.field_common(path_with_query);
         match content_type {
             Some(ct) => {
                 hasher.update_common([1]);
-                put(&mut hasher, ct.trim_ascii());
+                hasher.field_common(ct.trim_ascii());
             }
             None => hasher.update_common([0]),
         }
@@ -48,7 +42,7 @@ impl Fingerprint {
         content_length: Option<u64>,
     ) -> Fingerprint {
         let mut f = Fingerprint::new(method, path_with_query, content_type);
-        put(&mut f.hasher, b"without-body");
+        f.hasher.field_common(b"without-body");
         match content_length {
             Some(n) => {
                 f.hasher.update([1]);

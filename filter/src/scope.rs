@@ -20,19 +20,6 @@ pub struct ScopeInput<'a> {
     pub headers: &'a [(&'a [u8], &'a [u8])],
 }
 
-/// A length-prefixed field that many requests share: a tag, the route, a header's name (only
-/// a first block of such fields is cached, [`crate::sha`]).
-fn put_common(h: &mut Sha, bytes: &[u8]) {
-    h.update_common((bytes.len() as u64).to_be_bytes());
-    h.update_common(bytes);
-}
-
-/// A length-prefixed header value.
-fn put(h: &mut Sha, bytes: &[u8]) {
-    h.update((bytes.len() as u64).to_be_bytes());
-    h.update(bytes);
-}
-
 /// The path without its query.
 pub fn path_without_query(path: &[u8]) -> &[u8] {
     path.split(|&b| b == b'?').next().unwrap_or(path)
@@ -42,10 +29,10 @@ pub fn path_without_query(path: &[u8]) -> &[u8] {
 /// request's names match in any case).
 pub fn digest(route: bool, header_names: &[String], input: &ScopeInput<'_>) -> [u8; 32] {
     let mut h = Sha::new();
-    put_common(&mut h, b"idempotency-scope/1");
+    h.field_common(b"idempotency-scope/1");
     if route {
-        put_common(&mut h, b"route");
-        put_common(&mut h, input.method);
+        h.field_common(b"route");
+        h.field_common(input.method);
         // The host in lower case, without a copy.
         h.update_common((input.host.len() as u64).to_be_bytes());
         let mut buf = [0u8; 64];
@@ -56,11 +43,11 @@ pub fn digest(route: bool, header_names: &[String], input: &ScopeInput<'_>) -> [
             }
             h.update_common(&*lower);
         }
-        put_common(&mut h, path_without_query(input.path));
+        h.field_common(path_without_query(input.path));
     }
     for name in header_names {
-        put_common(&mut h, b"header");
-        put_common(&mut h, name.as_bytes());
+        h.field_common(b"header");
+        h.field_common(name.as_bytes());
         let values = || {
             input
                 .headers
@@ -71,7 +58,7 @@ pub fn digest(route: bool, header_names: &[String], input: &ScopeInput<'_>) -> [
         };
         h.update((values().count() as u64).to_be_bytes());
         for v in values() {
-            put(&mut h, v);
+            h.field(v);
         }
     }
     h.finalize()

@@ -100,6 +100,17 @@ pub async fn upstream_count(api: &Upstream, n: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Once a first request is answered, its fuel with its record's: on Kong (`record: auto` is
+/// deferred there) the record goes from the next tick, in the root context, whose fuel during
+/// that tick is added.
+async fn with_record(host: &Host) -> u64 {
+    host.settle().await;
+    let http = last_fuel(host);
+    let root = host.fuel().root;
+    tick(host).await;
+    http + (host.fuel().root - root)
+}
+
 /// The fuel of the last request the host saw.
 fn last_fuel(host: &Host) -> u64 {
     host.fuel().requests.last().map_or(0, |r| r.fuel)
@@ -183,11 +194,7 @@ pub async fn fuel(
     let no_key = last_fuel(&t);
     let first_key = key(mode, size, 1);
     anyhow::ensure!(post(&t, Some(&first_key), &body).await? == 201);
-    t.settle().await;
-    let http = last_fuel(&t);
-    let root = t.fuel().root;
-    tick(&t).await;
-    let first = http + (t.fuel().root - root);
+    let first = with_record(&t).await;
     anyhow::ensure!(post(&t, Some(&first_key), &body).await? == 201, "replay");
     t.settle().await;
     let replay = last_fuel(&t);
@@ -211,11 +218,7 @@ pub async fn fuel(
         &body,
     );
     anyhow::ensure!(fresh.send().await?.status == 201, "new route");
-    t.settle().await;
-    let http = last_fuel(&t);
-    let root = t.fuel().root;
-    tick(&t).await;
-    let new_route = http + (t.fuel().root - root);
+    let new_route = with_record(&t).await;
     t.finish().await;
     Ok(FuelRow {
         mode: mode.name(),
